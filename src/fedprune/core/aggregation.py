@@ -1,0 +1,88 @@
+"""Aggregation of client models: sample-weighted FedAvg and server momentum (FedAvgM)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Sample-weighted mean of state dicts (FedAvg).
+
+    Floating tensors are averaged with weights ``w_k / sum(w)``; integer tensors (e.g.
+    batch-norm ``num_batches_tracked``) take the maximum, which is what an ever-growing
+    counter needs.
+
+    Raises
+    ------
+    ValueError
+        No states, mismatched keys/shapes, or non-positive total weight.
+    """
+    if not states:
+        raise ValueError("nothing to aggregate")
+    if len(states) != len(weights):
+        raise ValueError("one weight per state is needed")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("total aggregation weight must be positive")
+    keys = list(states[0].keys())
+    out: State = {}
+    for key in keys:
+        first = states[0][key]
+        if not (first.is_floating_point() or first.is_complex()):
+            out[key] = torch.stack([s[key] for s in states]).amax(dim=0)
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for s, w in zip(states, weights, strict=True):
+            t = s[key]
+            if t.shape != first.shape:
+                raise ValueError(f"shape mismatch for {key}: {tuple(t.shape)} vs {tuple(first.shape)}")
+            acc.add_(t.to(torch.float64), alpha=w / total)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+class ServerMomentum:
+    """FedAvgM as in AutoFLIP's code: ``v <- b*v + (1-b)*Delta``, ``theta <- theta - v``.
+
+    ``Delta = theta_global - FedAvg(clients)`` is the pseudo-gradient. There is no server
+    learning rate. With ``beta = 0`` this is plain FedAvg.
+    """
+
+    def __init__(self, beta: float) -> None:
+        self.beta = float(beta)
+        self.velocity: State = {}
+
+    def step(self, current: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]) -> State:
+        """New global state from the current one and the clients' FedAvg."""
+        out: State = {}
+        for key, cur in current.items():
+            avg = averaged[key]
+            if not cur.is_floating_point():
+                out[key] = avg.clone()
+                continue
+            delta = cur - avg
+            v = self.velocity.get(key)
+            if v is None or v.shape != delta.shape:
+                v = torch.zeros_like(delta)
+            v = self.beta * v + (1.0 - self.beta) * delta
+            self.velocity[key] = v
+            out[key] = cur - v
+        return out
+
+    def mask_velocity(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Forget momentum at pruned positions so it cannot revive them."""
+        for key, m in masks.items():
+            if key in self.velocity and self.velocity[key].shape == m.shape:
+                self.velocity[key].mul_(m.to(self.velocity[key].dtype))
+
+    def state_dict(self) -> State:
+        """Velocity tensors (for checkpoints)."""
+        return {k: v.clone() for k, v in self.velocity.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore velocity tensors."""
+        self.velocity = {k: v.clone() for k, v in state.items()}
