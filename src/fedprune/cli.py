@@ -1,0 +1,258 @@
+"""The ``fedprune`` command line (typer + rich).
+
+Exit codes: 0 success, 2 bad input (config, data, arguments) with a one-line message
+and no traceback, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedprune.errors import UserInputError
+
+app = typer.Typer(
+    name="fedprune",
+    help="Federated learning that prunes the model while it trains.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+MB = 1e6
+
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="TOML config file (tables: data, model, train, ...).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
+]
+
+# CLI flag -> dotted config key
+_FLAG_KEYS = {
+    "method": "method",
+    "dataset": "data.dataset",
+    "model": "model.name",
+    "partition": "data.partition",
+    "clients": "data.num_clients",
+    "clients_per_round": "federation.clients_per_round",
+    "rounds": "federation.rounds",
+    "local_epochs": "train.local_epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "seed",
+    "engine": "engine.name",
+    "data_dir": "data.data_dir",
+    "out": "out",
+    "workers": "engine.workers",
+    "name": "name",
+}
+
+
+def _build_config(config: Path | None, sets: list[str] | None, flags: dict[str, Any]) -> Any:
+    from fedprune.config import load_config
+
+    values = {_FLAG_KEYS[k]: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
+    return load_config(config, sets or (), values)
+
+
+def _fmt_round(rec: dict[str, Any], rounds: int) -> str:
+    acc = rec.get("test_accuracy")
+    acc_s = f"{100 * acc:5.1f}%" if acc is not None else "   -  "
+    up, down = rec["bytes_up"] / MB, rec["bytes_down"] / MB
+    dense = rec["dense_bytes_up"] + rec["dense_bytes_down"]
+    saved = 1 - (rec["bytes_up"] + rec["bytes_down"]) / dense if dense else 0.0
+    return (
+        f"round {rec['round']:>3}/{rounds}  acc {acc_s}  sparsity {100 * rec['sparsity']:5.1f}%  "
+        f"up {up:7.3f} MB  down {down:7.3f} MB  saved {100 * saved:5.1f}%  "
+        f"{rec['round_s']:.2f} s"
+    )
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    method: Annotated[str | None, typer.Option(help="Method (see `fedprune methods`).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set (see `fedprune datasets`).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (see `fedprune models`).")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, dirichlet, shards, sort-and-deal, natural.")
+    ] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of clients.")] = None,
+    clients_per_round: Annotated[
+        float | None, typer.Option(help="Clients per round: count, fraction, or 0 for all.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Client learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for data split, init, sampling.")] = None,
+    engine: Annotated[str | None, typer.Option(help="inprocess (default) or flower.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Parent folder of run directories.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Train clients in this many processes.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run directory name.")] = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-round lines.")] = False,
+) -> None:
+    """Run one federated experiment and write its run directory."""
+    flags = {k: v for k, v in locals().items() if k in _FLAG_KEYS and v is not None}
+    cfg = _build_config(config, set_, flags)
+    from fedprune.experiment import run_experiment
+
+    rounds_total = cfg.federation.rounds
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    )
+    task = progress.add_task(cfg.method, total=rounds_total)
+
+    def on_start(run_dir: Path, fed: Any) -> None:
+        if not quiet:
+            console.print(
+                f"fedprune {cfg.method}: {cfg.data.dataset} ({len(fed.clients)} clients, "
+                f"{cfg.data.partition}), model {cfg.model.name}, {rounds_total} rounds, "
+                f"{cfg.clients_per_round()} clients/round -> {run_dir}"
+            )
+
+    def on_round(rec: dict[str, Any]) -> None:
+        if not quiet:
+            progress.console.print(_fmt_round(rec, rounds_total))
+        progress.advance(task)
+
+    t0 = time.perf_counter()
+    with progress:
+        result = run_experiment(cfg, on_round=on_round, on_start=on_start)
+    s = result.summary
+    total = (s["total_bytes_up"] + s["total_bytes_down"]) / MB
+    dense = (s["dense_bytes_up"] + s["dense_bytes_down"]) / MB
+    console.print(
+        f"done in {time.perf_counter() - t0:.1f} s: final accuracy {100 * s['final_accuracy']:.2f}% "
+        f"(best {100 * s['best_accuracy']:.2f}%), sparsity {100 * s['final_sparsity']:.1f}%, "
+        f"non-zero params {s['final_nonzero_params']:,}/{s['dense_params']:,}, "
+        f"{total:.2f} MB communicated ({dense:.2f} MB dense fp32)"
+    )
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def partition(
+    config: ConfigArg = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set.")] = None,
+    partition: Annotated[str | None, typer.Option(help="Partition name.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of clients.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a label-distribution PNG here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Show how a data set is split among clients (sizes and labels per client)."""
+    flags = {k: v for k, v in locals().items() if k in _FLAG_KEYS and v is not None}
+    cfg = _build_config(config, set_, flags)
+    from fedprune.data import format_summary, plot_label_distribution
+    from fedprune.experiment import load_federation
+
+    fed = load_federation(cfg)
+    console.print(format_summary(fed))
+    if plot is not None:
+        plot_label_distribution(fed, plot)
+        console.print(f"label distribution written to {plot}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the data sets and where their files were found."""
+    from fedprune.data import DATASETS, locate_dataset
+
+    table = Table("name", "classes", "input", "found at", "description")
+    for name, info in DATASETS.items():
+        where = locate_dataset(name)
+        table.add_row(
+            name,
+            str(info.num_classes),
+            "x".join(map(str, info.input_shape)),
+            where or (f"hub {info.hub_id} (online only)" if info.hub_id else "not found"),
+            info.description,
+        )
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the model zoo with parameter counts and FLOPs at each model's default input."""
+    from fedprune.core.accounting import count_params
+    from fedprune.core.flops import count_flops
+    from fedprune.models import build_model, list_models
+
+    table = Table("name", "default input", "classes", "params", "MFLOPs", "paper")
+    for info in list_models():
+        m = build_model(info.name, info.default_input, info.default_classes)
+        flops = count_flops(m, info.default_input).total
+        table.add_row(
+            info.name,
+            "x".join(map(str, info.default_input)),
+            str(info.default_classes),
+            f"{count_params(m):,}",
+            f"{flops / 1e6:.2f}",
+            info.paper,
+        )
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the federated methods."""
+    from fedprune.methods import list_methods
+
+    table = Table("name", "paper", "description")
+    for info in list_methods():
+        table.add_row(info.name, info.paper, info.description)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedprune`` console script; returns the exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:  # usage errors from click itself
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except UserInputError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)  # plain print: rich would wrap the line
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+def _console_main() -> None:  # pragma: no cover - thin wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _console_main()

@@ -1,0 +1,268 @@
+"""The two halves of a federated method, and what an engine gives them.
+
+A method is a :class:`ServerMethod` and a :class:`ClientMethod`. Neither imports an
+engine: the server half says what each sampled client receives and turns the replies
+into the next global model; the client half turns what it received plus its local data
+into a reply. Messages are :class:`~fedprune.core.codec.Payload` records (named tensors,
+a JSON config, numeric metrics); engines encode them with the codec, count the bytes
+and move them: the in-process engine by calling the halves directly, the Flower engine
+inside Flower ``Message`` objects.
+
+The default halves implement FedAvg (and FedAvgM) with optional mask enforcement, so a
+pruning method usually overrides only :meth:`ServerMethod.after_aggregate` (server-side
+pruning) or :meth:`ClientMethod.after_train` (client-side pruning).
+
+Mask transport
+--------------
+``config["mask"]`` tells the client which mask to enforce during local training:
+
+``"none"``
+    Dense training (FedAvg).
+``"nonzero"``
+    The non-zero pattern of the received prunable tensors (no mask bytes on the wire;
+    FedSparsify's convention: the zeros of the global model are the mask).
+``"explicit"``
+    Boolean tensors named ``"mask/<param>"`` travel in ``arrays``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from fedprune.config import RunConfig
+from fedprune.core.aggregation import ServerMomentum, weighted_average
+from fedprune.core.codec import Payload
+from fedprune.core.masks import Masks, apply_masks, masks_from_nonzero, prunable_names
+from fedprune.core.sampling import derive_seed
+from fedprune.core.training import TrainSettings, TrainStats, train_local
+from fedprune.models import build_model
+
+if TYPE_CHECKING:
+    from fedprune.data.federation import ClientData
+
+MASK_PREFIX = "mask/"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a client needs to build the (initial) model architecture."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    hidden: int | None = None
+
+    def build(self, seed: int | None = None) -> nn.Module:
+        """A fresh model of this architecture."""
+        return build_model(
+            self.name, self.input_shape, self.num_classes, hidden=self.hidden, seed=seed
+        )
+
+
+@dataclass
+class ClientReply:
+    """A decoded reply from one client."""
+
+    cid: int
+    payload: Payload
+
+    @property
+    def num_examples(self) -> int:
+        """The sample count the client reported (its aggregation weight)."""
+        return int(self.payload.metrics.get("num_examples", 0))
+
+
+class FederatedIO(Protocol):
+    """What an engine offers a server half for exchanges outside the round loop.
+
+    Setup phases (SNIP's saliency from one client, AutoFLIP's exploration) send tasks to
+    clients through :meth:`exchange`; the engine encodes the payloads and counts their
+    bytes like any round's.
+    """
+
+    num_clients: int
+
+    def exchange(self, task: str, payloads: Mapping[int, Payload]) -> list[ClientReply]:
+        """Send ``payloads[cid]`` with ``task`` to each client and return the replies."""
+        ...
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class ServerMethod:
+    """Server half of a method. The default is FedAvg (FedAvgM when configured).
+
+    Parameters
+    ----------
+    cfg
+        The run's configuration.
+    spec
+        The initial architecture.
+    model
+        The initial global model (already seeded); the server owns it from now on.
+    """
+
+    name: ClassVar[str] = "fedavg"
+    mask_mode: ClassVar[str] = "none"
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.model = model
+        self.masks: Masks | None = None
+        self.momentum = (
+            ServerMomentum(cfg.federation.server_momentum)
+            if cfg.federation.aggregation == "fedavgm"
+            else None
+        )
+
+    # -- hooks an engine calls -------------------------------------------------------
+    def setup(self, io: FederatedIO) -> None:
+        """Optional phase before round 1 (default: nothing)."""
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """Per-round settings for the clients (learning rate with decay, seed, mask mode)."""
+        t = self.cfg.train
+        return {
+            "task": "fit",
+            "round": rnd,
+            "lr": t.lr * t.lr_decay ** (rnd - 1),
+            "seed": derive_seed(self.cfg.seed, rnd),
+            "mask": self.mask_mode,
+        }
+
+    def configure_fit(self, rnd: int, cids: list[int]) -> dict[int, Payload]:
+        """What each sampled client receives. Default: the same global model for all."""
+        arrays = state_of(self.model)
+        if self.mask_mode == "explicit" and self.masks is not None:
+            arrays.update({MASK_PREFIX + k: v for k, v in self.masks.items()})
+        payload = Payload(arrays=arrays, config=self.round_config(rnd))
+        return dict.fromkeys(cids, payload)
+
+    def aggregate_fit(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
+        """Turn the round's replies into the new global model; return extra metrics."""
+        if not replies:
+            return {}
+        new_state = self.aggregate(rnd, replies)
+        self.model.load_state_dict(new_state)
+        if self.masks is not None:
+            apply_masks(self.model, self.masks)
+        metrics = self.after_aggregate(rnd, replies)
+        if self.momentum is not None and self.masks is not None:
+            self.momentum.mask_velocity(self.masks)
+        return metrics
+
+    # -- pieces subclasses override --------------------------------------------------
+    def aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
+        """Sample-weighted FedAvg of the replies (then server momentum if configured)."""
+        keys = list(self.model.state_dict().keys())
+        states = [{k: r.payload.arrays[k] for k in keys} for r in replies]
+        avg = weighted_average(states, [r.num_examples for r in replies])
+        if self.momentum is None:
+            return avg
+        return self.momentum.step(state_of(self.model), avg)
+
+    def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
+        """Hook after the new global model is set (server-side pruning goes here)."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state to checkpoint besides the model (momentum, masks)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.momentum is not None:
+            out.update({"momentum/" + k: v for k, v in self.momentum.state_dict().items()})
+        if self.masks is not None:
+            out.update({MASK_PREFIX + k: v for k, v in self.masks.items()})
+        return out
+
+
+class ClientMethod:
+    """Client half of a method. The default trains (masked if asked) and returns weights.
+
+    Parameters
+    ----------
+    cfg
+        The run's configuration (the same file the server read).
+    spec
+        The initial architecture.
+    """
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self._model: nn.Module | None = None
+
+    def model_for(self, payload: Payload) -> nn.Module:
+        """A model holding the received weights (built once, then reused)."""
+        if self._model is None:
+            self._model = self.spec.build()
+        model = self._model
+        weights = {k: v for k, v in payload.arrays.items() if not k.startswith(MASK_PREFIX)}
+        model.load_state_dict(weights)
+        return model
+
+    def masks_for(self, model: nn.Module, payload: Payload) -> Masks | None:
+        """The mask to enforce during local training, as the payload asks."""
+        mode = payload.config.get("mask", "none")
+        if mode == "nonzero":
+            names = prunable_names(model, self.cfg.pruning.scope)
+            return masks_from_nonzero(payload.arrays, names)
+        if mode == "explicit":
+            return {
+                k[len(MASK_PREFIX) :]: v.bool()
+                for k, v in payload.arrays.items()
+                if k.startswith(MASK_PREFIX)
+            }
+        return None
+
+    def settings(self, payload: Payload) -> TrainSettings:
+        """Local hyper-parameters for this round."""
+        t = self.cfg.train
+        return TrainSettings(
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=float(payload.config.get("lr", t.lr)),
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+        )
+
+    def handle(self, task: str, payload: Payload, data: ClientData) -> Payload:
+        """Dispatch a task received from the server."""
+        if task == "fit":
+            return self.fit(payload, data)
+        raise ValueError(f"{type(self).__name__} cannot handle task {task!r}")
+
+    def fit(self, payload: Payload, data: ClientData) -> Payload:
+        """Masked local training; reply with the trained weights and metrics."""
+        model = self.model_for(payload)
+        masks = self.masks_for(model, payload)
+        gen = torch.Generator().manual_seed(
+            derive_seed(int(payload.config.get("seed", 0)), data.cid)
+        )
+        stats = train_local(
+            model, data.x_train, data.y_train, self.settings(payload), masks=masks, generator=gen
+        )
+        arrays = state_of(model)
+        extra = self.after_train(model, arrays, masks, payload, stats)
+        metrics = {"num_examples": float(stats.num_examples), "train_loss": stats.loss, **extra}
+        return Payload(arrays=arrays, metrics=metrics)
+
+    def after_train(
+        self,
+        model: nn.Module,
+        arrays: dict[str, torch.Tensor],
+        masks: Masks | None,
+        payload: Payload,
+        stats: TrainStats,
+    ) -> dict[str, float]:
+        """Hook before replying (client-side pruning edits ``arrays``); extra metrics."""
+        return {}

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedprune.engines.inprocess as inprocess
+from fedprune.config import load_config
+from fedprune.core.codec import encode_payload
+from fedprune.experiment import run_experiment
+
+ROUND_KEYS = {
+    "round", "test_accuracy", "test_loss", "sparsity", "params", "nonzero_params", "flops",
+    "effective_flops", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "clients",
+    "wall_s",
+}
+SUMMARY_KEYS = {
+    "method", "dataset", "model", "rounds", "final_accuracy", "best_accuracy", "dense_params",
+    "final_params", "final_nonzero_params", "dense_flops", "final_flops", "final_effective_flops",
+    "total_bytes_up", "total_bytes_down", "dense_bytes_up", "dense_bytes_down", "wall_s",
+}
+
+
+def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(
+        overrides=[
+            f"out='{tmp_path}'", "federation.rounds=3", "data.num_clients=4",
+            "federation.clients_per_round=3", *extra,
+        ]
+    )
+
+
+def test_bytes_counted_are_the_encoded_buffer_lengths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lengths: list[int] = []
+
+    def spy(p, **kw):  # type: ignore[no-untyped-def]
+        buf = encode_payload(p, **kw)
+        lengths.append(len(buf))
+        return buf
+
+    monkeypatch.setattr(inprocess, "encode_payload", spy)
+    res = run_experiment(_cfg(tmp_path, "method=fedsparsify-global", "pruning.final_sparsity=0.8"))
+    recs = res.records
+    # per round: one broadcast encoding (counted once per client) + one reply per client
+    total_counted = sum(r["bytes_up"] + r["bytes_down"] for r in recs)
+    per_round = []
+    i = 0
+    for r in recs:
+        down = lengths[i] * r["clients"]
+        up = sum(lengths[i + 1 : i + 1 + r["clients"]])
+        assert r["bytes_down"] == down and r["bytes_up"] == up
+        per_round.append(up + down)
+        i += 1 + r["clients"]
+    assert i == len(lengths) and sum(per_round) == total_counted
+    assert res.summary["total_bytes_up"] == recs[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in recs)
+    # sparse payloads are cheaper than dense fp32 ones once pruned
+    assert recs[-1]["bytes_down"] < 0.5 * recs[-1]["dense_bytes_down"]
+    assert res.summary["final_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_run_directory_contract(tmp_path: Path) -> None:
+    res = run_experiment(_cfg(tmp_path, "method=fedavg"))
+    d = res.run_dir
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
+                 "architecture.json", "accuracy.png", "accuracy_vs_mb.png",
+                 "label_distribution.png"):
+        assert (d / name).is_file(), name
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert ROUND_KEYS <= set(json.loads(line))
+    summary = json.loads((d / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["rounds"] == 3 and summary["method"] == "fedavg"
+    assert summary["dense_bytes_down"] == 3 * 3 * 4 * sum(
+        t.numel() for t in res.model.state_dict().values()
+    )
+    from safetensors.torch import load_file
+
+    saved = load_file(str(d / "model.safetensors"))
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(saved[k], v)
+
+
+def test_worker_processes_give_the_same_result(tmp_path: Path) -> None:
+    a = run_experiment(_cfg(tmp_path, "name='a'", "engine.workers=1"))
+    b = run_experiment(_cfg(tmp_path, "name='b'", "engine.workers=2"))
+    for k, v in a.model.state_dict().items():
+        assert torch.allclose(v, b.model.state_dict()[k], atol=1e-6), k
+    assert [r["bytes_up"] for r in a.records] == [r["bytes_up"] for r in b.records]
+
+
+def test_same_seed_same_run_and_other_seed_differs(tmp_path: Path) -> None:
+    a = run_experiment(_cfg(tmp_path, "name='a'"))
+    b = run_experiment(_cfg(tmp_path, "name='b'"))
+    c = run_experiment(_cfg(tmp_path, "name='c'", "seed=1"))
+    assert a.summary["final_accuracy"] == b.summary["final_accuracy"]
+    assert [r["sampled"] for r in a.records] == [r["sampled"] for r in b.records]
+    assert any(
+        not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items()
+    )
