@@ -40,13 +40,15 @@ def test_masked_training_never_revives_a_pruned_weight(optimizer: str) -> None:
         m &= torch.rand(m.shape, generator=g) > 0.6
     # pruned weights start non-zero: training must zero them first and keep them zero
     x, y = _data()
-    s = TrainSettings(epochs=3, batch_size=8, lr=0.1, optimizer=optimizer, momentum=0.9,
-                      weight_decay=1e-3)
+    s = TrainSettings(
+        epochs=3, batch_size=8, lr=0.1, optimizer=optimizer, momentum=0.9, weight_decay=1e-3
+    )
     before = {k: v.clone() for k, v in net.state_dict().items()}
     train_local(net, x, y, s, masks=masks, generator=torch.Generator().manual_seed(0))
     params = dict(net.named_parameters())
     for name, m in masks.items():
         assert torch.all(params[name][~m] == 0), name
+        assert not torch.any(torch.signbit(params[name][~m])), "no -0.0 on the wire"
         assert torch.any(params[name][m] != before[name][m]), "kept weights must train"
     assert weight_sparsity(net) == pytest.approx(mask_sparsity(masks))
 
@@ -55,8 +57,13 @@ def test_unmasked_training_changes_everything_and_reduces_loss() -> None:
     net = _net()
     x, y = _data(128)
     loss0, _ = evaluate(net, x, y)
-    train_local(net, x, y, TrainSettings(epochs=20, batch_size=16, lr=0.1),
-                generator=torch.Generator().manual_seed(0))
+    train_local(
+        net,
+        x,
+        y,
+        TrainSettings(epochs=20, batch_size=16, lr=0.1),
+        generator=torch.Generator().manual_seed(0),
+    )
     loss1, acc1 = evaluate(net, x, y)
     assert loss1 < loss0
     assert acc1 > 0.6
