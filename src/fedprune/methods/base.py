@@ -92,6 +92,14 @@ class FederatedIO(Protocol):
         ...
 
 
+def config_number(config: Mapping[str, Any], key: str, default: float) -> float:
+    """A numeric entry of a payload's config (the default when absent)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"config[{key!r}] must be a number, got {value!r}")
+    return float(value)
+
+
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state dict."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -229,7 +237,7 @@ class ClientMethod:
         return TrainSettings(
             epochs=t.local_epochs,
             batch_size=t.batch_size,
-            lr=float(payload.config.get("lr", t.lr)),
+            lr=config_number(payload.config, "lr", t.lr),
             optimizer=t.optimizer,
             momentum=t.momentum,
             weight_decay=t.weight_decay,
@@ -246,7 +254,7 @@ class ClientMethod:
         model = self.model_for(payload)
         masks = self.masks_for(model, payload)
         gen = torch.Generator().manual_seed(
-            derive_seed(int(payload.config.get("seed", 0)), data.cid)
+            derive_seed(int(config_number(payload.config, "seed", 0)), data.cid)
         )
         stats = train_local(
             model, data.x_train, data.y_train, self.settings(payload), masks=masks, generator=gen

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedprune.config import load_config
+from fedprune.core.codec import Payload, decode_payload, encode_payload
+from fedprune.methods.base import ClientReply, ModelSpec
+from fedprune.methods.fedsparsify import FedSparsifyGlobalServer, FedSparsifyLocalServer
+
+SPEC = ModelSpec("fc", (1, 1, 2), 2)  # fc: 2 -> 128 -> 128 -> 2
+
+
+def _server(cls: type, merge: str = "majority", rounds: int = 4) -> FedSparsifyLocalServer:
+    cfg = load_config(
+        overrides=[
+            f"pruning.merge={merge}",
+            f"federation.rounds={rounds}",
+            "pruning.final_sparsity=0.5",
+        ]
+    )
+    return cls(cfg, SPEC, SPEC.build(seed=0))
+
+
+def _reply(cid: int, server: FedSparsifyLocalServer, first: torch.Tensor, n: int) -> ClientReply:
+    arrays = {k: v.clone() for k, v in server.model.state_dict().items()}
+    name = server.scope[0]
+    arrays[name] = torch.zeros_like(arrays[name])
+    arrays[name].view(-1)[: first.numel()] = first
+    return ClientReply(cid, Payload(arrays=arrays, metrics={"num_examples": float(n)}))
+
+
+def test_majority_vote_on_a_hand_built_example() -> None:
+    server = _server(FedSparsifyLocalServer)
+    name = server.scope[0]
+    # three clients, four positions of the first layer (the rest are zero everywhere)
+    r1 = _reply(0, server, torch.tensor([1.0, 0.0, 3.0, 0.0]), 1)
+    r2 = _reply(1, server, torch.tensor([2.0, 5.0, 0.0, 0.0]), 1)
+    r3 = _reply(2, server, torch.tensor([3.0, 0.0, 0.0, 7.0]), 2)
+    server.aggregate_fit(1, [r1, r2, r3])
+    got = server.model.state_dict()[name].view(-1)[:4]
+    # need = max(1, 3 // 2) = 1 vote -> all 4 positions survive (ties kept);
+    # majority merge = plain weighted average with purged values counted as 0
+    assert torch.allclose(got, torch.tensor([(1 + 2 + 6) / 4, 5 / 4, 3 / 4, 14 / 4]))
+
+    server = _server(FedSparsifyLocalServer, merge="majority_nnz")
+    r4 = _reply(3, server, torch.tensor([0.0, 0.0, 0.0, 4.0]), 1)
+    server.aggregate_fit(1, [r1, r2, r3, r4])  # need = 2 votes
+    got = server.model.state_dict()[name].view(-1)[:4]
+    # position 0: kept by r1, r2, r3 (weights 1, 1, 2) -> (1 + 2 + 6) / 4
+    # position 1: one vote -> pruned; position 2: one vote -> pruned
+    # position 3: kept by r3 (w=2, 7) and r4 (w=1, 4) -> (14 + 4) / 3
+    assert torch.allclose(got, torch.tensor([9 / 4, 0.0, 0.0, 6.0]))
+    assert server.masks is not None
+    assert server.masks[name].view(-1)[:4].tolist() == [True, False, False, True]
+
+
+def test_nnz_average_without_vote() -> None:
+    server = _server(FedSparsifyLocalServer, merge="nnz_average")
+    name = server.scope[0]
+    r1 = _reply(0, server, torch.tensor([1.0, 0.0, 3.0]), 1)
+    r2 = _reply(1, server, torch.tensor([3.0, 0.0, 0.0]), 3)
+    server.aggregate_fit(1, [r1, r2])
+    got = server.model.state_dict()[name].view(-1)[:3]
+    assert torch.allclose(got, torch.tensor([10 / 4, 0.0, 3.0]))
+
+
+def test_global_purge_reaches_schedule_and_is_monotone() -> None:
+    server = _server(FedSparsifyGlobalServer, rounds=4)
+    replies = [
+        ClientReply(
+            0, Payload(arrays=dict(server.model.state_dict()), metrics={"num_examples": 1.0})
+        )
+    ]
+    prev = None
+    for rnd in range(1, 5):
+        out = server.aggregate_fit(rnd, replies)
+        assert server.masks is not None or out["target_sparsity"] == 0
+        if server.masks is not None:
+            kept = sum(int(m.sum()) for m in server.masks.values())
+            total = sum(m.numel() for m in server.masks.values())
+            assert 1 - kept / total == pytest.approx(out["target_sparsity"], abs=1 / total)
+            if prev is not None:
+                for n, m in server.masks.items():
+                    assert not torch.any(m & ~prev[n])
+            prev = {n: m.clone() for n, m in server.masks.items()}
+        replies = [
+            ClientReply(
+                0, Payload(arrays=dict(server.model.state_dict()), metrics={"num_examples": 1.0})
+            )
+        ]
+    assert out["target_sparsity"] == pytest.approx(0.5)
+
+
+def test_sparse_payload_decodes_to_the_same_tensors() -> None:
+    server = _server(FedSparsifyGlobalServer, rounds=1)
+    replies = [
+        ClientReply(
+            0, Payload(arrays=dict(server.model.state_dict()), metrics={"num_examples": 1.0})
+        )
+    ]
+    server.aggregate_fit(1, replies)  # prune to 50%
+    payload = server.configure_fit(2, [0])[0]
+    buf = encode_payload(payload)
+    back = decode_payload(buf)
+    dense_bytes = sum(t.numel() * t.element_size() for t in payload.arrays.values())
+    assert len(buf) < 0.75 * dense_bytes
+    for k, v in payload.arrays.items():
+        assert torch.equal(back.arrays[k], v), k
