@@ -23,7 +23,7 @@ def test_overrides_are_typed() -> None:
 
 def test_toml_file_and_flag_precedence(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
-    f.write_text('seed = 5\n[federation]\nrounds = 7\n[data]\nnum_clients = 4\n')
+    f.write_text("seed = 5\n[federation]\nrounds = 7\n[data]\nnum_clients = 4\n")
     cfg = load_config(f, ["federation.rounds=8"], {"federation.rounds": 9})
     assert (cfg.seed, cfg.federation.rounds, cfg.data.num_clients) == (5, 9, 4)
 

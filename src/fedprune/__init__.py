@@ -33,7 +33,22 @@ _LAZY = {
     "run_experiment": "fedprune.experiment",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DecodeError",
+    "FedpruneError",
+    "Payload",
+    "RunConfig",
+    "RunResult",
+    "UserInputError",
+    "__version__",
+    "decode_payload",
+    "encode_payload",
+    "load_config",
+    "load_federation",
+    "run_experiment",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedprune.config import RunConfig, load_config

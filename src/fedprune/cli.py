@@ -130,12 +130,13 @@ def run(
             console.print(
                 f"fedprune {cfg.method}: {cfg.data.dataset} ({len(fed.clients)} clients, "
                 f"{cfg.data.partition}), model {cfg.model.name}, {rounds_total} rounds, "
-                f"{cfg.clients_per_round()} clients/round -> {run_dir}"
+                f"{cfg.clients_per_round()} clients/round -> {run_dir}",
+                soft_wrap=True,
             )
 
     def on_round(rec: dict[str, Any]) -> None:
         if not quiet:
-            progress.console.print(_fmt_round(rec, rounds_total))
+            progress.console.print(_fmt_round(rec, rounds_total), soft_wrap=True)
         progress.advance(task)
 
     t0 = time.perf_counter()
@@ -145,10 +146,12 @@ def run(
     total = (s["total_bytes_up"] + s["total_bytes_down"]) / MB
     dense = (s["dense_bytes_up"] + s["dense_bytes_down"]) / MB
     console.print(
-        f"done in {time.perf_counter() - t0:.1f} s: final accuracy {100 * s['final_accuracy']:.2f}% "
-        f"(best {100 * s['best_accuracy']:.2f}%), sparsity {100 * s['final_sparsity']:.1f}%, "
-        f"non-zero params {s['final_nonzero_params']:,}/{s['dense_params']:,}, "
-        f"{total:.2f} MB communicated ({dense:.2f} MB dense fp32)"
+        f"done in {time.perf_counter() - t0:.1f} s: final accuracy "
+        f"{100 * s['final_accuracy']:.2f}% (best {100 * s['best_accuracy']:.2f}%), "
+        f"sparsity {100 * s['final_sparsity']:.1f}%, non-zero params "
+        f"{s['final_nonzero_params']:,}/{s['dense_params']:,}, {total:.2f} MB communicated "
+        f"({dense:.2f} MB as dense fp32)",
+        soft_wrap=True,
     )
     console.print(f"run directory: {result.run_dir}")
 

@@ -72,9 +72,9 @@ class ModelConfig:
 class TrainConfig:
     """Local training on each client."""
 
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -124,8 +124,9 @@ class EngineConfig:
     """In-process engine: train clients in this many worker processes (1 = in the main one)."""
     fp16: bool = False
     """Send floating-point values as float16 on the wire (lossy)."""
-    threads: int = 0
-    """torch threads of the main process (0 = leave torch's default)."""
+    threads: int = 1
+    """torch threads of the main process (0 = torch's default). One thread per process is
+    the fast setting on small CPU machines; use ``workers`` to occupy more cores."""
 
 
 @dataclass
@@ -171,9 +172,7 @@ class RunConfig:
         _check(0 < self.train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
         _check(self.federation.rounds >= 1, "federation.rounds", "must be >= 1")
         cpr = self.federation.clients_per_round
-        _check(
-            cpr >= 0, "federation.clients_per_round", "must be >= 0 (a count, a fraction or 0)"
-        )
+        _check(cpr >= 0, "federation.clients_per_round", "must be >= 0 (a count, a fraction or 0)")
         if cpr >= 1:
             _check(
                 float(cpr).is_integer(),

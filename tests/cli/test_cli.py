@@ -29,7 +29,10 @@ def test_run_writes_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     ],
 )
 def test_bad_input_exits_2_with_one_line(
-    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("FEDPRUNE_DATA", raising=False)

@@ -13,8 +13,9 @@ def test_fedavg_equals_hand_computed_weighted_mean() -> None:
     c = {"w": torch.tensor([0.0, 0.0, 9.0]), "n": torch.tensor(5)}
     out = weighted_average([a, b, c], [10, 30, 60])
     # by hand: (10*a + 30*b + 60*c) / 100
-    expected = torch.tensor([(10 * 1 + 30 * 3 + 0) / 100, (10 * 2 + 30 * 6) / 100,
-                             (10 * 3 - 30 * 3 + 60 * 9) / 100])
+    expected = torch.tensor(
+        [(10 * 1 + 30 * 3 + 0) / 100, (10 * 2 + 30 * 6) / 100, (10 * 3 - 30 * 3 + 60 * 9) / 100]
+    )
     assert torch.allclose(out["w"], expected)
     assert out["w"].dtype == torch.float32
     assert int(out["n"]) == 7  # integer counters take the max

@@ -12,22 +12,50 @@ from fedprune.core.codec import encode_payload
 from fedprune.experiment import run_experiment
 
 ROUND_KEYS = {
-    "round", "test_accuracy", "test_loss", "sparsity", "params", "nonzero_params", "flops",
-    "effective_flops", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "clients",
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "sparsity",
+    "params",
+    "nonzero_params",
+    "flops",
+    "effective_flops",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "clients",
     "wall_s",
 }
 SUMMARY_KEYS = {
-    "method", "dataset", "model", "rounds", "final_accuracy", "best_accuracy", "dense_params",
-    "final_params", "final_nonzero_params", "dense_flops", "final_flops", "final_effective_flops",
-    "total_bytes_up", "total_bytes_down", "dense_bytes_up", "dense_bytes_down", "wall_s",
+    "method",
+    "dataset",
+    "model",
+    "rounds",
+    "final_accuracy",
+    "best_accuracy",
+    "dense_params",
+    "final_params",
+    "final_nonzero_params",
+    "dense_flops",
+    "final_flops",
+    "final_effective_flops",
+    "total_bytes_up",
+    "total_bytes_down",
+    "dense_bytes_up",
+    "dense_bytes_down",
+    "wall_s",
 }
 
 
 def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
     return load_config(
         overrides=[
-            f"out='{tmp_path}'", "federation.rounds=3", "data.num_clients=4",
-            "federation.clients_per_round=3", *extra,
+            f"out='{tmp_path}'",
+            "federation.rounds=3",
+            "data.num_clients=4",
+            "federation.clients_per_round=3",
+            *extra,
         ]
     )
 
@@ -56,7 +84,11 @@ def test_bytes_counted_are_the_encoded_buffer_lengths(
         per_round.append(up + down)
         i += 1 + r["clients"]
     assert i == len(lengths) and sum(per_round) == total_counted
-    assert res.summary["total_bytes_up"] == recs[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in recs)
+    assert (
+        res.summary["total_bytes_up"]
+        == recs[-1]["cum_bytes_up"]
+        == sum(r["bytes_up"] for r in recs)
+    )
     # sparse payloads are cheaper than dense fp32 ones once pruned
     assert recs[-1]["bytes_down"] < 0.5 * recs[-1]["dense_bytes_down"]
     assert res.summary["final_sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -65,16 +97,23 @@ def test_bytes_counted_are_the_encoded_buffer_lengths(
 def test_run_directory_contract(tmp_path: Path) -> None:
     res = run_experiment(_cfg(tmp_path, "method=fedavg"))
     d = res.run_dir
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-                 "architecture.json", "accuracy.png", "accuracy_vs_mb.png",
-                 "label_distribution.png"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "architecture.json",
+        "accuracy.png",
+        "accuracy_vs_mb.png",
+        "label_distribution.png",
+    ):
         assert (d / name).is_file(), name
     lines = (d / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     for line in lines:
-        assert ROUND_KEYS <= set(json.loads(line))
+        assert set(json.loads(line)) >= ROUND_KEYS
     summary = json.loads((d / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary)
+    assert set(summary) >= SUMMARY_KEYS
     assert summary["rounds"] == 3 and summary["method"] == "fedavg"
     assert summary["dense_bytes_down"] == 3 * 3 * 4 * sum(
         t.numel() for t in res.model.state_dict().values()
@@ -100,6 +139,4 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path: Path) -> None:
     c = run_experiment(_cfg(tmp_path, "name='c'", "seed=1"))
     assert a.summary["final_accuracy"] == b.summary["final_accuracy"]
     assert [r["sampled"] for r in a.records] == [r["sampled"] for r in b.records]
-    assert any(
-        not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items()
-    )
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())

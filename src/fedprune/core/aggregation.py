@@ -9,7 +9,9 @@ import torch
 State = dict[str, torch.Tensor]
 
 
-def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> State:
     """Sample-weighted mean of state dicts (FedAvg).
 
     Floating tensors are averaged with weights ``w_k / sum(w)``; integer tensors (e.g.
@@ -39,7 +41,9 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
         for s, w in zip(states, weights, strict=True):
             t = s[key]
             if t.shape != first.shape:
-                raise ValueError(f"shape mismatch for {key}: {tuple(t.shape)} vs {tuple(first.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {key}: {tuple(t.shape)} vs {tuple(first.shape)}"
+                )
             acc.add_(t.to(torch.float64), alpha=w / total)
         out[key] = acc.to(first.dtype)
     return out
@@ -56,7 +60,9 @@ class ServerMomentum:
         self.beta = float(beta)
         self.velocity: State = {}
 
-    def step(self, current: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]) -> State:
+    def step(
+        self, current: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]
+    ) -> State:
         """New global state from the current one and the clients' FedAvg."""
         out: State = {}
         for key, cur in current.items():

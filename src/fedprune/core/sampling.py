@@ -24,5 +24,7 @@ def sample_clients(rng: np.random.Generator, num_clients: int, k: int) -> list[i
 
 def derive_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (run seed, round, client, ...)."""
-    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(
+        1, np.uint64
+    )
     return int(state[0] >> np.uint64(1))

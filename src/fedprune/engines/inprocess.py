@@ -104,9 +104,13 @@ class InProcessEngine:
                 cache[id(p)] = buf
             encoded[cid] = buf
         dense = self.dense_message_bytes if task == "fit" else 0
-        self.traffic.add(down=sum(len(b) for b in encoded.values()), dense_down=dense * len(encoded))
+        self.traffic.add(
+            down=sum(len(b) for b in encoded.values()), dense_down=dense * len(encoded)
+        )
         replies_raw = self._run(task, encoded)
-        self.traffic.add(up=sum(len(b) for b in replies_raw.values()), dense_up=dense * len(replies_raw))
+        self.traffic.add(
+            up=sum(len(b) for b in replies_raw.values()), dense_up=dense * len(replies_raw)
+        )
         return [ClientReply(cid, decode_payload(replies_raw[cid])) for cid in sorted(replies_raw)]
 
     def _run(self, task: str, encoded: dict[int, bytes]) -> dict[int, bytes]:
