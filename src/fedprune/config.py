@@ -90,8 +90,11 @@ class FederationConfig:
     clients_per_round: float = 0
     """A count (>= 1), a fraction of the clients (in (0, 1)), or 0 for all clients."""
     aggregation: str = "fedavg"
-    """``fedavg`` or ``fedavgm`` (server momentum, as in AutoFLIP)."""
+    """``fedavg``, ``fedavgm`` (server momentum, as in AutoFLIP), or the robust
+    coordinate-wise ``median`` / ``trimmed_mean`` (unweighted)."""
     server_momentum: float = 0.9
+    trim_fraction: float = 0.1
+    """``trimmed_mean``: drop this fraction of the largest and smallest values per entry."""
     eval_every: int = 1
     local_eval: bool = False
 
@@ -113,6 +116,18 @@ class PruningConfig:
     prune_round: int = 0
     """OMP: the round after which the one-shot prune happens (0 = 90% of the rounds)."""
     readjust_every: int = 50
+
+
+@dataclass
+class ValidationConfig:
+    """Checks every client update must pass before aggregation."""
+
+    max_update_norm: float = 0.0
+    """Reject updates whose L2 norm (reply minus global) exceeds this; 0 = no bound."""
+    max_examples: int = 0
+    """Reject sample counts above this; 0 = the largest client's training set size."""
+    check_mask: bool = True
+    """Reject non-zero values at positions the global mask prunes."""
 
 
 @dataclass
@@ -142,6 +157,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> RunConfig:
@@ -149,7 +165,11 @@ class RunConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("engine.name", self.engine.name, ENGINES)
         _check_choice("train.optimizer", self.train.optimizer, ("sgd", "adam"))
-        _check_choice("federation.aggregation", self.federation.aggregation, ("fedavg", "fedavgm"))
+        _check_choice(
+            "federation.aggregation",
+            self.federation.aggregation,
+            ("fedavg", "fedavgm", "median", "trimmed_mean"),
+        )
         _check_choice("pruning.schedule", self.pruning.schedule, ("polynomial", "nnz_rate"))
         _check_choice("pruning.scope", self.pruning.scope, ("weights", "all"))
         _check_choice(
@@ -190,6 +210,13 @@ class RunConfig:
             "must be in [0, 1)",
         )
         _check(self.federation.eval_every >= 1, "federation.eval_every", "must be >= 1")
+        _check(
+            0 <= self.federation.trim_fraction < 0.5,
+            "federation.trim_fraction",
+            "must be in [0, 0.5)",
+        )
+        _check(self.validation.max_update_norm >= 0, "validation.max_update_norm", "must be >= 0")
+        _check(self.validation.max_examples >= 0, "validation.max_examples", "must be >= 0")
         p = self.pruning
         _check(0.0 <= p.final_sparsity < 1.0, "pruning.final_sparsity", "must be in [0, 1)")
         _check(0.0 <= p.initial_sparsity < 1.0, "pruning.initial_sparsity", "must be in [0, 1)")

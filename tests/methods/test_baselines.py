@@ -61,7 +61,10 @@ def _data(cid: int, n: int, shape: tuple[int, ...], scale: float = 1.0) -> Clien
 
 
 def _cfg(*extra: str) -> RunConfig:
-    return load_config(overrides=list(extra))
+    # These tests feed replies with noise at pruned positions to check that the server
+    # re-applies its mask; validation (on by default) would reject them outright, which
+    # test_noise_at_pruned_positions_is_rejected_by_default checks separately.
+    return load_config(overrides=["validation.check_mask=false", *extra])
 
 
 def _noisy_replies(server: BaselineServer, seed: int) -> list[ClientReply]:
@@ -253,7 +256,7 @@ def test_random_hits_the_schedule_exactly_and_is_monotone(per_layer: bool) -> No
     mag = magnitude_masks(initial, 0.6, per_layer=per_layer)
     same = sum(int((mag[n] == prev[n]).sum()) for n in prev)
     assert same < 0.7 * count_total(prev)  # random ~ 0.6^2 + 0.4^2 = 52% agreement
-    other = RandomServer(load_config(overrides=["seed=1"]), FC, FC.build(seed=0))
+    other = RandomServer(_cfg("seed=1"), FC, FC.build(seed=0))
     assert not all(torch.equal(other.ranks[n], server.ranks[n]) for n in server.ranks)
 
 
@@ -434,3 +437,18 @@ def test_end_to_end_prunefl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert r["sparsity"] >= r["mask_sparsity"] - 1e-4
     # importance travels up on readjustment rounds only
     assert recs[1]["bytes_up"] > 1.5 * recs[2]["bytes_up"]
+
+
+def test_noise_at_pruned_positions_is_rejected_by_default() -> None:
+    server = OMPServer(
+        load_config(overrides=["federation.rounds=2", "pruning.prune_round=1"]),
+        FC,
+        FC.build(seed=0),
+    )
+    server.aggregate_fit(1, _noisy_replies(server, 0))  # prunes at the end of round 1
+    before = {k: v.clone() for k, v in server.model.state_dict().items()}
+    out = server.aggregate_fit(2, _noisy_replies(server, 1))
+    assert out["rejected"] == 2
+    assert all("pruned positions" in r for r in out["rejections"].values())
+    for k, v in server.model.state_dict().items():
+        assert torch.equal(v, before[k]), "a rejected round leaves the global model as it was"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -92,3 +92,40 @@ class ServerMomentum:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore velocity tensors."""
         self.velocity = {k: v.clone() for k, v in state.items()}
+
+
+def _robust(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> State:
+    if not states:
+        raise ValueError("nothing to aggregate")
+    out: State = {}
+    for key, first in states[0].items():
+        stacked = torch.stack([s[key] for s in states])
+        if not first.is_floating_point():
+            out[key] = stacked.amax(dim=0)
+            continue
+        out[key] = reduce(stacked.double()).to(first.dtype)
+    return out
+
+
+def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> State:
+    """Coordinate-wise median of client states (unweighted; even counts average the two
+    middle values). A pruned coordinate that is zero in every state stays exactly zero."""
+    return _robust(states, lambda t: t.quantile(0.5, dim=0))
+
+
+def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], fraction: float) -> State:
+    """Coordinate-wise mean after dropping the ``floor(fraction * n)`` largest and smallest
+    values of each coordinate (unweighted)."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError("trim fraction must be in [0, 0.5)")
+    n = len(states)
+    k = int(fraction * n)
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        s = t.sort(dim=0).values
+        return s[k : n - k].mean(dim=0)
+
+    return _robust(states, reduce)

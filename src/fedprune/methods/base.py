@@ -35,11 +35,17 @@ import torch
 from torch import nn
 
 from fedprune.config import RunConfig
-from fedprune.core.aggregation import ServerMomentum, weighted_average
+from fedprune.core.aggregation import (
+    ServerMomentum,
+    coordinate_median,
+    trimmed_mean,
+    weighted_average,
+)
 from fedprune.core.codec import Payload
 from fedprune.core.masks import Masks, apply_masks, masks_from_nonzero, prunable_names
 from fedprune.core.sampling import derive_seed
 from fedprune.core.training import TrainSettings, TrainStats, train_local
+from fedprune.core.validation import ValidationPolicy, check_reply
 from fedprune.models import build_model
 
 if TYPE_CHECKING:
@@ -155,25 +161,63 @@ class ServerMethod:
         payload = Payload(arrays=arrays, config=self.round_config(rnd))
         return dict.fromkeys(cids, payload)
 
-    def aggregate_fit(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
-        """Turn the round's replies into the new global model; return extra metrics."""
-        if not replies:
-            return {}
-        new_state = self.aggregate(rnd, replies)
+    def aggregate_fit(self, rnd: int, replies: list[ClientReply]) -> dict[str, Any]:
+        """Validate the replies, aggregate the sound ones into the new global model.
+
+        Returns extra metrics for the round's record: the method's own, plus
+        ``rejected`` (count) and ``rejections`` (``{cid: reason}``) when any reply
+        failed :func:`~fedprune.core.validation.validate_reply`.
+        """
+        sound, rejections = self.validate(replies)
+        metrics: dict[str, Any] = {"rejected": len(rejections)}
+        if rejections:
+            metrics["rejections"] = rejections
+        if not sound:
+            return metrics
+        new_state = self.aggregate(rnd, sound)
         self.model.load_state_dict(new_state)
         if self.masks is not None:
             apply_masks(self.model, self.masks)
-        metrics = self.after_aggregate(rnd, replies)
+        metrics.update(self.after_aggregate(rnd, sound))
         if self.momentum is not None and self.masks is not None:
             self.momentum.mask_velocity(self.masks)
         return metrics
 
+    def validation_policy(self) -> ValidationPolicy:
+        """The bounds replies must satisfy (from the ``validation`` config section)."""
+        v = self.cfg.validation
+        return ValidationPolicy(
+            max_update_norm=v.max_update_norm,
+            max_examples=v.max_examples or 2**31 - 1,
+            check_mask=v.check_mask,
+        )
+
+    def validate(self, replies: list[ClientReply]) -> tuple[list[ClientReply], dict[int, str]]:
+        """Split replies into sound ones and ``{cid: reason}`` for the rejected ones."""
+        state = self.model.state_dict()
+        policy = self.validation_policy()
+        sound: list[ClientReply] = []
+        rejections: dict[int, str] = {}
+        for r in replies:
+            reason = check_reply(r.payload, state, self.masks, policy)
+            if reason is None:
+                sound.append(r)
+            else:
+                rejections[r.cid] = reason
+        return sound, rejections
+
     # -- pieces subclasses override --------------------------------------------------
     def aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
-        """Sample-weighted FedAvg of the replies (then server momentum if configured)."""
+        """FedAvg of the replies (or the configured robust rule), then server momentum."""
         keys = list(self.model.state_dict().keys())
         states = [{k: r.payload.arrays[k] for k in keys} for r in replies]
-        avg = weighted_average(states, [r.num_examples for r in replies])
+        rule = self.cfg.federation.aggregation
+        if rule == "median":
+            avg = coordinate_median(states)
+        elif rule == "trimmed_mean":
+            avg = trimmed_mean(states, self.cfg.federation.trim_fraction)
+        else:
+            avg = weighted_average(states, [r.num_examples for r in replies])
         if self.momentum is None:
             return avg
         return self.momentum.step(state_of(self.model), avg)
