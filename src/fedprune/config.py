@@ -125,7 +125,7 @@ class ValidationConfig:
     max_update_norm: float = 0.0
     """Reject updates whose L2 norm (reply minus global) exceeds this; 0 = no bound."""
     max_examples: int = 0
-    """Reject sample counts above this; 0 = the largest client's training set size."""
+    """Reject sample counts above this; 0 = no bound (2**31 - 1)."""
     check_mask: bool = True
     """Reject non-zero values at positions the global mask prunes."""
 
