@@ -131,6 +131,24 @@ class ValidationConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Automatic structured pruning (``autostructured``): the band rule and when it runs."""
+
+    k: float = 2.0
+    """Keep filters whose L1 norm lies within mean +- k * std of their layer."""
+    two_sided: bool = True
+    """Drop both tails (the paper); false drops only unusually small filters."""
+    patience: int = 3
+    """Stop pruning after this many consecutive rejected proposals."""
+    max_prune_round: int = 50
+    """No pruning after this round (training goes on to the last round)."""
+    start_round: int = 1
+    """First round after whose aggregation a proposal is made."""
+    inherit_weights: bool = True
+    """Surviving filters keep their weights; false re-initialises the shrunk model."""
+
+
+@dataclass
 class EngineConfig:
     """How rounds are executed and payloads are encoded."""
 
@@ -142,6 +160,30 @@ class EngineConfig:
     threads: int = 1
     """torch threads of the main process (0 = torch's default). One thread per process is
     the fast setting on small CPU machines; use ``workers`` to occupy more cores."""
+
+
+@dataclass
+class AutoFlipConfig:
+    """AutoFLIP (methods.md §2): loss exploration, guidance-driven hybrid pruning."""
+
+    explore_fraction: float = 1.0
+    """Fraction of the clients that explore (seeded choice; at least one)."""
+    explore_epochs: int = 150
+    """Most local epochs of an explorer (the paper's 150)."""
+    explore_patience: int = 40
+    """Stop exploring after this many epochs without a lower mean training loss."""
+    explore_lr: float = 0.0
+    """Learning rate of exploration (``train.optimizer``); 0 = ``train.lr``."""
+    threshold: float = 0.3
+    """``T_p``: the quantile of normalised guidance (and of unit scores) that is pruned."""
+    structured: bool = True
+    """Also remove whole low-guidance units (filters, hidden neurons) physically."""
+    regrow: bool = False
+    """Each round's mask replaces the one in force; else monotone within the T_p budget."""
+    refresh: bool = True
+    """Recompute the unstructured mask every round from the participants' guidance."""
+    normalisation: str = "minmax"
+    """Per-tensor scaling of the guidance: ``minmax`` or ``robust`` ((G - median) / IQR)."""
 
 
 @dataclass
@@ -157,8 +199,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    autoflip: AutoFlipConfig = field(default_factory=AutoFlipConfig)
 
     def validate(self) -> RunConfig:
         """Check every value that can be checked without loading data; return ``self``."""
@@ -231,8 +275,20 @@ class RunConfig:
         _check(0 < p.nnz_rate < 1, "pruning.nnz_rate", "must be in (0, 1)")
         _check(p.prune_round >= 0, "pruning.prune_round", "must be >= 0")
         _check(p.readjust_every >= 1, "pruning.readjust_every", "must be >= 1")
+        st = self.structured
+        _check(st.k > 0, "structured.k", "must be > 0")
+        _check(st.patience >= 1, "structured.patience", "must be >= 1")
+        _check(st.max_prune_round >= 0, "structured.max_prune_round", "must be >= 0")
+        _check(st.start_round >= 1, "structured.start_round", "must be >= 1")
         _check(self.engine.workers >= 1, "engine.workers", "must be >= 1")
         _check(self.engine.threads >= 0, "engine.threads", "must be >= 0")
+        af = self.autoflip
+        _check(0 < af.explore_fraction <= 1, "autoflip.explore_fraction", "must be in (0, 1]")
+        _check(af.explore_epochs >= 1, "autoflip.explore_epochs", "must be >= 1")
+        _check(af.explore_patience >= 1, "autoflip.explore_patience", "must be >= 1")
+        _check(af.explore_lr >= 0, "autoflip.explore_lr", "must be >= 0 (0 = train.lr)")
+        _check(0 <= af.threshold < 1, "autoflip.threshold", "must be in [0, 1)")
+        _check_choice("autoflip.normalisation", af.normalisation, ("minmax", "robust"))
         return self
 
     def clients_per_round(self) -> int:
@@ -273,7 +329,9 @@ def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    sections = sorted({k.split(".")[0] for k in _all_keys() if "." in k})
+    candidates = sections if "." not in key else _all_keys()
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 

@@ -23,6 +23,13 @@ Mask transport
     FedSparsify's convention: the zeros of the global model are the mask).
 ``"explicit"``
     Boolean tensors named ``"mask/<param>"`` travel in ``arrays``.
+
+Architecture transport
+----------------------
+A server half that shrinks the model (structured pruning) keeps its pruning history in
+``self.history`` (JSON entries, see :mod:`fedprune.core.structured`). When it is not empty
+it travels as ``config["arch"]``; the client builds the initial architecture and replays
+the history on it (once per distinct history) before loading the received weights.
 """
 
 from __future__ import annotations
@@ -106,6 +113,21 @@ def config_number(config: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+def config_int(config: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer entry of a payload's config, exactly (63-bit seeds must not pass through
+    a float, which keeps only 53 bits)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"config[{key!r}] must be an integer, got {value!r}")
+    return value
+
+
+def client_generator(payload: Payload, cid: int) -> torch.Generator:
+    """The seeded generator of client ``cid`` for this round's batches:
+    ``derive_seed(config["seed"], cid)``, with the round seed from the server."""
+    return torch.Generator().manual_seed(derive_seed(config_int(payload.config, "seed", 0), cid))
+
+
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state dict."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -132,6 +154,8 @@ class ServerMethod:
         self.spec = spec
         self.model = model
         self.masks: Masks | None = None
+        self.history: list[dict[str, Any]] = []
+        """Structured-pruning history of ``model`` (empty: the initial architecture)."""
         self.momentum = (
             ServerMomentum(cfg.federation.server_momentum)
             if cfg.federation.aggregation == "fedavgm"
@@ -145,13 +169,16 @@ class ServerMethod:
     def round_config(self, rnd: int) -> dict[str, Any]:
         """Per-round settings for the clients (learning rate with decay, seed, mask mode)."""
         t = self.cfg.train
-        return {
+        config: dict[str, Any] = {
             "task": "fit",
             "round": rnd,
             "lr": t.lr * t.lr_decay ** (rnd - 1),
             "seed": derive_seed(self.cfg.seed, rnd),
             "mask": self.mask_mode,
         }
+        if self.history:
+            config["arch"] = self.history
+        return config
 
     def configure_fit(self, rnd: int, cids: list[int]) -> dict[int, Payload]:
         """What each sampled client receives. Default: the same global model for all."""
@@ -251,11 +278,32 @@ class ClientMethod:
         self.cfg = cfg
         self.spec = spec
         self._model: nn.Module | None = None
+        self._arch_key = ""
 
     def model_for(self, payload: Payload) -> nn.Module:
-        """A model holding the received weights (built once, then reused)."""
-        if self._model is None:
-            self._model = self.spec.build()
+        """A model holding the received weights.
+
+        Built once and reused; rebuilt (initial architecture + replay of the received
+        ``config["arch"]`` history) whenever the history differs from the cached model's.
+        """
+        raw = payload.config.get("arch") or []
+        if not isinstance(raw, list):
+            raise ValueError("payload config 'arch' must be a list of history entries")
+        arch: list[dict[str, Any]] = raw
+        key = ""
+        if arch:
+            from fedprune.core.structured import history_key
+
+            key = history_key(arch)
+        if self._model is None or key != self._arch_key:
+            if arch:
+                from fedprune.core.structured import example_input, replay
+
+                # seeded: a rebuild must not consume the global random state (dropout)
+                model = replay(self.spec.build(seed=0), arch, example_input(self.spec.input_shape))
+            else:
+                model = self.spec.build()
+            self._model, self._arch_key = model, key
         model = self._model
         weights = {k: v for k, v in payload.arrays.items() if not k.startswith(MASK_PREFIX)}
         model.load_state_dict(weights)
@@ -297,9 +345,7 @@ class ClientMethod:
         """Masked local training; reply with the trained weights and metrics."""
         model = self.model_for(payload)
         masks = self.masks_for(model, payload)
-        gen = torch.Generator().manual_seed(
-            derive_seed(int(config_number(payload.config, "seed", 0)), data.cid)
-        )
+        gen = client_generator(payload, data.cid)
         stats = train_local(
             model, data.x_train, data.y_train, self.settings(payload), masks=masks, generator=gen
         )

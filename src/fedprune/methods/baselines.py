@@ -114,6 +114,9 @@ from fedprune.methods.base import (
     FederatedIO,
     ModelSpec,
     ServerMethod,
+    client_generator,
+    config_int,
+    config_number,
     state_of,
 )
 from fedprune.methods.fedsparsify import schedule_from_config
@@ -288,14 +291,6 @@ def collect_squared_grads(model: nn.Module, names: list[str]) -> Iterator[dict[s
     finally:
         for h in handles:
             h.remove()
-
-
-def _config_number(payload: Payload, key: str, default: float) -> float:
-    """A numeric value of the payload's config (``default`` when absent)."""
-    value = payload.config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"config {key!r} must be a number, got {value!r}")
-    return value
 
 
 def _first_batch(data: ClientData, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,7 +572,7 @@ class SaliencyClient(ClientMethod):
         model = self.model_for(payload)
         model.train()
         names = prunable_names(model, self.cfg.pruning.scope)
-        seed = int(_config_number(payload, "seed", 0))
+        seed = config_int(payload.config, "seed", 0)
         x, y = _first_batch(data, self.cfg.train.batch_size, seed)
         fn = snip_scores if task == "snip" else grasp_scores
         with torch.random.fork_rng(devices=[]):  # dropout draws, reproducibly
@@ -599,9 +594,7 @@ class PruneFLClient(ClientMethod):
         return super().handle(task, payload, data)
 
     def _generator(self, payload: Payload, data: ClientData) -> torch.Generator:
-        return torch.Generator().manual_seed(
-            derive_seed(int(_config_number(payload, "seed", 0)), data.cid)
-        )
+        return client_generator(payload, data.cid)
 
     def fit(self, payload: Payload, data: ClientData) -> Payload:
         """Masked training; with ``importance`` set, also upload ``importance/<param>``."""
@@ -635,10 +628,10 @@ class PruneFLClient(ClientMethod):
             if payload.config.get("flops_costs")
             else dict.fromkeys(names, 1.0)
         )
-        density = _config_number(payload, "density", 1.0)
-        iterations = max(1, int(_config_number(payload, "iterations", 1)))
+        density = config_number(payload.config, "density", 1.0)
+        iterations = max(1, int(config_number(payload.config, "iterations", 1)))
         settings = dataclasses.replace(
-            self.settings(payload), epochs=max(1, int(_config_number(payload, "epochs", 1)))
+            self.settings(payload), epochs=max(1, int(config_number(payload.config, "epochs", 1)))
         )
         gen = self._generator(payload, data)
         masks: Masks | None = None

@@ -84,6 +84,18 @@ def _register_builtin() -> None:
             "Stripelis et al. 2022 (FedSparsify)",
         )
     )
+    from fedprune.methods.autostructured import AutoStructuredClient, AutoStructuredServer
+
+    register(
+        MethodInfo(
+            "autostructured",
+            AutoStructuredServer,
+            AutoStructuredClient,
+            "Server drops filters outside mean +- k*std of their layer's L1 norms; "
+            "the model shrinks.",
+            "Nguyen, Le, Avila 2024 (automatic structured pruning)",
+        )
+    )
     from fedprune.methods.baselines import (
         BaselineClient,
         GraSPServer,
@@ -138,6 +150,17 @@ def _register_builtin() -> None:
             PruneFLClient,
             "Initial mask at one client, then importance-driven mask readjustment with regrowth.",
             "Jiang et al. 2022 (PruneFL)",
+        )
+    )
+    from fedprune.methods.autoflip import AutoFlipClient, AutoFlipServer
+
+    register(
+        MethodInfo(
+            "autoflip",
+            AutoFlipServer,
+            AutoFlipClient,
+            "Loss exploration from one theta_0, guidance-driven unit removal + weight mask.",
+            "Internò et al. 2024 (AutoFLIP)",
         )
     )
 
