@@ -1,0 +1,468 @@
+"""AutoFLIP (Internò et al., arXiv 2405.10271): loss exploration, then hybrid pruning.
+
+The method of the paper (methods.md §2.2), not of the authors' code (§2.7 lists where
+that code departs from it):
+
+**Exploration** (:meth:`AutoFlipServer.setup`, before round 1; its bytes are counted and
+charged to round 1 by the engine). A seeded choice of ``max(1, floor(f * K))`` clients
+(``f = autoflip.explore_fraction``) receive the *same* initial weights ``theta_0`` (task
+``"explore"``). Each trains from ``theta_0`` with a fresh ``train.optimizer`` at
+``autoflip.explore_lr`` (0 = ``train.lr``), batch ``train.batch_size``, for at most
+``autoflip.explore_epochs`` epochs, stopping early when the mean training loss of an epoch
+has not fallen below its best for ``autoflip.explore_patience`` epochs (the authors use
+the last mini-batch's loss; the epoch mean is less noisy). The explorer uploads
+``G_k = (theta_k - theta_0) ** 2`` for every trainable tensor, weights *and* biases
+(``"guidance/<param>"``, float32, or float16 on the wire with ``engine.fp16``). The
+server validates and keeps every explorer's ``G_k`` (needed again for the per-round
+refresh) and averages them.
+
+**Pruning** (:mod:`fedprune.core.guidance`). With ``autoflip.structured`` the server first
+removes, in every layer but the output layer, the ``floor(T_p * n)`` units (conv filters,
+hidden linear neurons) of lowest mean normalised guidance, never all of a layer:
+physically, through :mod:`fedprune.core.structured` (convolutions with
+:func:`~fedprune.core.structured.shrink`, hidden linear layers with history entries
+applied by :func:`~fedprune.core.structured.replay`). The history travels to the clients in
+``config["arch"]``; the model and its FLOPs shrink. Every stored ``G_k`` is cut to the
+new shapes by replaying the same history on a model holding ``G_k`` as its weights. Then
+the unstructured mask keeps the entries whose per-tensor-normalised guidance exceeds the
+global ``T_p``-quantile (weights and biases of every layer, first and output included).
+The structured step happens once: removed units cannot come back, and repeating a
+per-layer quantile every round would remove ``T_p`` of the remaining units each time.
+
+**Training.** Plain rounds of the base class (FedAvg, or FedAvgM with
+``federation.aggregation = "fedavgm"``; ``train.lr_decay`` per round). Clients train
+under the mask, which travels explicitly (``mask = "explicit"``): the mask covers biases
+(the ``"nonzero"`` convention only covers ``pruning.scope``), survives ``engine.fp16``
+flushing tiny weights to zero, and allows regrowth (a regrown weight restarts at 0,
+which the non-zero convention would read as pruned). It costs one bit per parameter on
+the way down, counted like every byte.
+
+**Per-round refresh** (``autoflip.refresh``, from round 2, in :meth:`configure_fit`, before
+the broadcast): the round's mask is computed from the mean guidance of the round's
+sampled clients that explored (none: the mask is kept), re-normalised and thresholded the
+same way. With ``autoflip.regrow`` it replaces the mask in force (the authors' code path:
+a new ``T_p``-quantile mask every round; regrown weights restart at 0). Without (the
+default), the mask is monotone *under the same budget*: pruned weights stay pruned and
+count towards the ``floor(T_p * N)`` pruned entries, so after the initial mask nothing
+changes, and ``refresh_disagreement`` reports how much the round's own mask would have
+pruned of the kept weights. Intersecting with each round's independent mask instead
+(``PG_r & PG_{r-1}``, methods.md §2.2's optional monotone variant) prunes another
+``T_p`` of the survivors every round: in a 30-round MNIST run (docs/autoflip.md) the
+unstructured sparsity climbed to 93% and accuracy collapsed, so it is not offered. The
+mask is applied to the global model and to the server momentum before it is sent.
+
+Round metrics (``after_aggregate``): ``structured_sparsity`` (fraction of the units of
+the prunable layers removed), ``structured_param_reduction`` (fraction of the initial
+parameters removed by shrinking), ``unstructured_sparsity`` (masked fraction of the
+current model's parameters), ``total_sparsity`` (1 - kept parameters / initial
+parameters), ``train_flops`` and ``train_effective_flops`` (forward FLOPs per sample of
+the model the round's clients trained: dense, and weighted by weight density), the
+refresh counts, and in round 1 the exploration figures (``explorers``,
+``explore_epochs_mean``, ``explore_sample_epochs`` = sum over explorers of training
+samples x epochs run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedprune.config import RunConfig
+from fedprune.core import structured
+from fedprune.core.accounting import ModelStatsCounter, count_params
+from fedprune.core.codec import Payload
+from fedprune.core.guidance import (
+    Guidance,
+    mean_guidance,
+    normalise,
+    squared_deviation,
+    threshold_masks,
+    unit_layers,
+    unit_scores,
+    units_to_remove,
+)
+from fedprune.core.masks import Masks, apply_masks, count_kept, mask_sparsity
+from fedprune.core.sampling import derive_seed
+from fedprune.core.training import TrainSettings, make_optimizer
+from fedprune.methods.base import (
+    ClientMethod,
+    ClientReply,
+    FederatedIO,
+    ModelSpec,
+    ServerMethod,
+    client_generator,
+    config_number,
+    state_of,
+)
+
+if TYPE_CHECKING:
+    from fedprune.data.federation import ClientData
+
+GUIDANCE_PREFIX = "guidance/"
+"""Name prefix of the guidance tensors an explorer uploads."""
+
+_EXPLORE_STREAM = 0xA7F1
+"""Seed stream of the explorer choice (independent of the round sampler)."""
+
+__all__ = [
+    "GUIDANCE_PREFIX",
+    "AutoFlipClient",
+    "AutoFlipServer",
+    "explore_train",
+    "trainable_names",
+]
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters (what AutoFLIP guides and masks)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def explore_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    max_epochs: int,
+    patience: int,
+    generator: torch.Generator | None = None,
+) -> tuple[int, float]:
+    """Train in place with one optimiser for up to ``max_epochs``, early-stopped.
+
+    Stops after ``patience`` consecutive epochs whose mean training loss is not below
+    the best so far. Returns ``(epochs run, mean loss of the last epoch)``.
+    """
+    n = int(x.shape[0])
+    if n == 0:
+        return 0, float("nan")
+    model.train()
+    opt = make_optimizer(model, settings)
+    bs = settings.batch_size
+    batches = math.ceil(n / bs)
+    best = math.inf
+    stale = 0
+    loss_epoch = math.nan
+    epochs = 0
+    for _ in range(max_epochs):
+        perm = torch.randperm(n, generator=generator)
+        total = torch.zeros((), dtype=torch.float64)
+        for b in range(batches):
+            idx = perm[b * bs : (b + 1) * bs]
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        epochs += 1
+        loss_epoch = float(total) / batches
+        if loss_epoch < best:
+            best, stale = loss_epoch, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return epochs, loss_epoch
+
+
+class AutoFlipServer(ServerMethod):
+    """Exploration, guidance-driven structured + unstructured pruning, per-round refresh."""
+
+    name = "autoflip"
+    mask_mode: ClassVar[str] = "explicit"
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
+        super().__init__(cfg, spec, model)
+        self.af = cfg.autoflip
+        self.example = structured.example_input(spec.input_shape)
+        self.initial_params = count_params(model)
+        self.guidance: dict[int, Guidance] = {}
+        """Explorer id -> its guidance, cut to the current architecture."""
+        self.explorers: list[int] = []
+        self.exploration: dict[int, dict[str, float]] = {}
+        """Explorer id -> ``num_examples``, ``epochs`` and ``loss`` of its exploration."""
+        self.explore_rejections: dict[int, str] = {}
+        self.unit_totals: dict[str, int] = {}
+        """Prunable layer -> units it had initially."""
+        self.removed_units: dict[str, list[int]] = {}
+        """Prunable layer -> indices (in the initial layer) of the units removed."""
+        self._stats = ModelStatsCounter(spec.input_shape)
+        self._pending: dict[str, float] = {}
+        self._train_flops: tuple[float, float] | None = None
+        self._index: dict[str, torch.Tensor] = {}
+        self._index_key = ""
+
+    # -- exploration -----------------------------------------------------------------
+    def choose_explorers(self, num_clients: int) -> list[int]:
+        """``max(1, floor(f * K))`` distinct clients, seeded by ``seed`` (sorted)."""
+        k = max(1, min(num_clients, math.floor(self.af.explore_fraction * num_clients + 1e-9)))
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, _EXPLORE_STREAM]))
+        return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+
+    def setup(self, io: FederatedIO) -> None:
+        """Exploration from ``theta_0``, then the initial structured and unstructured pruning."""
+        self.explorers = self.choose_explorers(io.num_clients)
+        names = trainable_names(self.model)
+        lr = self.af.explore_lr or self.cfg.train.lr
+        payload = Payload(
+            arrays=state_of(self.model),
+            config={
+                "task": "explore",
+                "seed": derive_seed(self.cfg.seed, 0),
+                "lr": lr,
+                "epochs": self.af.explore_epochs,
+                "patience": self.af.explore_patience,
+            },
+        )
+        replies = io.exchange("explore", dict.fromkeys(self.explorers, payload))
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        for r in replies:
+            reason = _check_guidance(r, names, shapes)
+            if reason is not None:
+                self.explore_rejections[r.cid] = reason
+                continue
+            self.guidance[r.cid] = {n: r.payload.arrays[GUIDANCE_PREFIX + n].float() for n in names}
+            m = r.payload.metrics
+            self.exploration[r.cid] = {
+                "num_examples": float(m.get("num_examples", 0.0)),
+                "epochs": float(m.get("explore_epochs", 0.0)),
+                "loss": float(m.get("train_loss", math.nan)),
+            }
+        pending: dict[str, float] = {
+            "explorers": float(len(self.guidance)),
+            "explore_rejected": float(len(self.explore_rejections)),
+        }
+        if self.exploration:
+            ex = self.exploration.values()
+            pending["explore_epochs_mean"] = float(np.mean([e["epochs"] for e in ex]))
+            pending["explore_sample_epochs"] = float(
+                sum(e["epochs"] * e["num_examples"] for e in ex)
+            )
+            pending["explore_loss"] = float(np.mean([e["loss"] for e in ex]))
+        self._pending.update(pending)
+        if not self.guidance:  # nobody explored soundly: stay dense, say so
+            return
+        if self.af.structured:
+            self.structured_step(
+                normalise(mean_guidance(list(self.guidance.values())), self.af.normalisation)
+            )
+        self.install(self.mask_from(list(self.guidance.values())), monotone=False)
+
+    # -- pruning ----------------------------------------------------------------------
+    def structured_step(self, normalised: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Remove the lowest-scoring ``floor(T_p * n)`` units of every prunable layer.
+
+        Convolution groups are shrunk with :func:`structured.shrink` (a group's unit score
+        is the mean over its member convolutions); hidden linear layers with history
+        entries replayed by :func:`structured.replay`. Stored guidance is cut to the new
+        shapes. Returns the history entries applied (also appended to ``self.history``).
+        """
+        prunable, _ = structured.structure(self.model, self.example)
+        modules = dict(self.model.named_modules())
+        by_module = {u.module: u for u in unit_layers(self.model)}
+        conv_members = {m for g in prunable for m in g.members}
+        linear = [
+            u
+            for name, u in by_module.items()
+            if isinstance(modules[name], nn.Linear) and name not in conv_members
+        ]
+        scores: dict[str, torch.Tensor] = {}
+        for g in prunable:
+            members = [by_module[m] for m in g.members if m in by_module]
+            if not members:
+                continue
+            per = unit_scores(normalised, members)
+            scores[g.layer] = torch.stack([per[m.module] for m in members]).mean(0)
+        scores.update(unit_scores(normalised, linear))
+        removed = units_to_remove(scores, self.af.threshold)
+        self.unit_totals = {name: int(s.numel()) for name, s in scores.items()}
+        self.removed_units = {name: idx for name, idx in removed.items() if idx}
+        keep = {
+            name: [i for i in range(self.unit_totals[name]) if i not in set(idx)]
+            for name, idx in self.removed_units.items()
+        }
+        conv_keep = {k: v for k, v in keep.items() if k not in {u.module for u in linear}}
+        entries = structured.shrink(self.model, conv_keep, self.example)
+        linear_entries: list[dict[str, Any]] = [
+            {"layer": u.module, "width": self.unit_totals[u.module], "keep": keep[u.module]}
+            for u in linear
+            if u.module in keep
+        ]
+        if linear_entries:
+            structured.replay(self.model, linear_entries, self.example)
+        applied = [*entries, *linear_entries]
+        if applied:
+            self.history = [*self.history, *applied]
+            self.guidance = {cid: self.cut(g) for cid, g in self.guidance.items()}
+            if self.momentum is not None:
+                self.momentum.velocity = {}
+        return applied
+
+    def cut(self, guidance: Mapping[str, torch.Tensor]) -> Guidance:
+        """Initial-architecture guidance cut to the current architecture (same history)."""
+        if not self.history:
+            return dict(guidance)
+        index = self.index_map()
+        return {n: t.flatten()[index[n]].clone() for n, t in guidance.items()}
+
+    def index_map(self) -> dict[str, torch.Tensor]:
+        """Parameter -> for each entry of the current tensor, its flat index in the initial one.
+
+        Found by replaying ``self.history`` once on a float64 copy of the initial
+        architecture whose every parameter holds its own flat positions (exact below
+        2**53), so cutting a tensor set to the current shapes is one gather per tensor.
+        """
+        key = structured.history_key(self.history)
+        if self._index_key != key:
+            holder = self.spec.build().double()
+            with torch.no_grad():
+                for p in holder.parameters():
+                    p.copy_(torch.arange(p.numel(), dtype=torch.float64).view_as(p))
+            structured.replay(holder, self.history, self.example.double())
+            self._index = {n: p.detach().round().long() for n, p in holder.named_parameters()}
+            self._index_key = key
+        return self._index
+
+    def mask_from(self, guidances: list[Guidance]) -> Masks:
+        """Normalise the mean guidance per tensor, keep what exceeds the ``T_p``-quantile."""
+        return threshold_masks(
+            normalise(mean_guidance(guidances), self.af.normalisation), self.af.threshold
+        )
+
+    def install(self, masks: Masks, *, monotone: bool) -> tuple[int, int]:
+        """Make ``masks`` the mask in force; return ``(regrown, newly pruned)`` counts."""
+        masks = {n: m.bool() for n, m in masks.items()}
+        old = self.masks
+        if monotone and old is not None:
+            masks = {n: m & old[n] for n, m in masks.items()}
+        regrown = newly = 0
+        if old is not None:
+            regrown = sum(int((masks[n] & ~old[n]).sum()) for n in masks)
+            newly = sum(int((old[n] & ~masks[n]).sum()) for n in masks)
+        self.masks = masks
+        apply_masks(self.model, masks)
+        if self.momentum is not None:
+            self.momentum.mask_velocity(masks)
+        return regrown, newly
+
+    def refresh(self, cids: list[int]) -> None:
+        """Recompute the mask from the guidance of the round's clients that explored.
+
+        With ``regrow`` the round's mask replaces the one in force. Without, the mask is
+        monotone under the ``T_p`` budget (:func:`threshold_masks` with ``current``): the
+        pruned entries stay pruned and already make up the ``floor(T_p * N)`` pruned
+        entries, so the mask only changes when it prunes fewer (never, after the initial
+        mask). ``refresh_disagreement`` reports the fraction of the kept entries the
+        round's own mask would have pruned.
+        """
+        have = [c for c in cids if c in self.guidance]
+        self._pending["explorers_in_round"] = float(len(have))
+        if not have or self.masks is None:
+            self._pending["mask_refreshed"] = 0.0
+            return
+        values = normalise(mean_guidance([self.guidance[c] for c in have]), self.af.normalisation)
+        own = threshold_masks(values, self.af.threshold)
+        kept = count_kept(self.masks)
+        would = sum(int((self.masks[n] & ~own[n]).sum()) for n in own)
+        new = own if self.af.regrow else threshold_masks(values, self.af.threshold, self.masks)
+        regrown, newly = self.install(new, monotone=not self.af.regrow)
+        self._pending.update(
+            mask_refreshed=1.0,
+            regrown=float(regrown),
+            newly_pruned=float(newly),
+            refresh_disagreement=would / kept if kept else 0.0,
+        )
+
+    # -- rounds -------------------------------------------------------------------------
+    def configure_fit(self, rnd: int, cids: list[int]) -> dict[int, Payload]:
+        """Refresh the mask (from round 2), apply it, then broadcast model and mask."""
+        if self.af.refresh and rnd > 1:
+            self.refresh(cids)
+        stats = self._stats(self.model)
+        self._train_flops = (float(stats.flops), float(stats.effective_flops))
+        return super().configure_fit(rnd, cids)
+
+    def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
+        """The round's pruning metrics (see the module docstring)."""
+        metrics = dict(self._pending)
+        self._pending = {}
+        metrics.update(self.sparsity_report())
+        if self._train_flops is not None:
+            metrics["train_flops"], metrics["train_effective_flops"] = self._train_flops
+        return metrics
+
+    def sparsity_report(self) -> dict[str, float]:
+        """Structured, unstructured and total sparsity of the global model now."""
+        total_units = sum(self.unit_totals.values())
+        removed = sum(len(v) for v in self.removed_units.values())
+        params = count_params(self.model)
+        kept = count_kept(self.masks) if self.masks is not None else params
+        return {
+            "structured_sparsity": removed / total_units if total_units else 0.0,
+            "structured_param_reduction": 1.0 - params / self.initial_params,
+            "unstructured_sparsity": mask_sparsity(self.masks) if self.masks else 0.0,
+            "total_sparsity": 1.0 - kept / self.initial_params,
+        }
+
+
+def _check_guidance(
+    reply: ClientReply, names: list[str], shapes: Mapping[str, torch.Size]
+) -> str | None:
+    """Why an explorer's reply is unusable (None if it is sound)."""
+    n = reply.payload.metrics.get("num_examples")
+    if n is None or not math.isfinite(n) or n < 1:
+        return f"num_examples {n!r} is not a positive count"
+    for name in names:
+        t = reply.payload.arrays.get(GUIDANCE_PREFIX + name)
+        if t is None:
+            return f"{GUIDANCE_PREFIX}{name} is missing"
+        if t.shape != shapes[name]:
+            want = tuple(shapes[name])
+            return f"{GUIDANCE_PREFIX}{name} has shape {tuple(t.shape)}, expected {want}"
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            return f"{GUIDANCE_PREFIX}{name} is not finite floating point"
+        if bool((t < 0).any()):
+            return f"{GUIDANCE_PREFIX}{name} has negative values"
+    return None
+
+
+class AutoFlipClient(ClientMethod):
+    """Answers ``"explore"`` (guidance from ``theta_0``); trains masked otherwise."""
+
+    def handle(self, task: str, payload: Payload, data: ClientData) -> Payload:
+        """``"explore"`` or masked ``"fit"``."""
+        if task == "explore":
+            return self.explore(payload, data)
+        return super().handle(task, payload, data)
+
+    def explore(self, payload: Payload, data: ClientData) -> Payload:
+        """Train from the received weights, early-stopped; upload ``(theta_k - theta_0)**2``."""
+        model = self.model_for(payload)
+        base = state_of(model)
+        settings = self.settings(payload)  # lr from the payload: the exploration lr
+        gen = client_generator(payload, data.cid)
+        epochs, loss = explore_train(
+            model,
+            data.x_train,
+            data.y_train,
+            settings,
+            max_epochs=max(1, int(config_number(payload.config, "epochs", 1))),
+            patience=max(1, int(config_number(payload.config, "patience", 1))),
+            generator=gen,
+        )
+        names = trainable_names(model)
+        g = squared_deviation(state_of(model), base, names)
+        return Payload(
+            arrays={GUIDANCE_PREFIX + n: t for n, t in g.items()},
+            metrics={
+                "num_examples": float(data.x_train.shape[0]),
+                "train_loss": loss,
+                "explore_epochs": float(epochs),
+            },
+        )
