@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,8 @@ from fedprune.core.accounting import ModelStatsCounter
 from fedprune.data import build_federation, load_dataset, plot_label_distribution
 from fedprune.data.federation import Federation
 from fedprune.engines.inprocess import InProcessEngine
-from fedprune.methods.base import ModelSpec
+from fedprune.methods.base import ClientMethod, ModelSpec, ServerMethod
 from fedprune.methods.registry import get_method
-from fedprune.plots import plot_run
 
 
 @dataclass
@@ -50,6 +50,24 @@ def load_federation(cfg: RunConfig) -> Federation:
 def model_spec(cfg: RunConfig, fed: Federation) -> ModelSpec:
     """The initial architecture for this config and data set."""
     return ModelSpec(cfg.model.name, fed.input_shape, fed.num_classes, cfg.model.hidden or None)
+
+
+def partition_fingerprint(fed: Federation) -> str:
+    """SHA-256 of every client's training indices (equal iff the partitions are equal)."""
+    h = hashlib.sha256()
+    for idx in fed.train_indices:
+        h.update(len(idx).to_bytes(8, "little"))
+        h.update(idx.astype("<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and values (equal iff the weights are equal)."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def summarize(
@@ -87,11 +105,93 @@ def summarize(
         "dense_bytes_up": dup,
         "dense_bytes_down": ddown,
         "communication_reduction": (dup + ddown) / (up + down) if up + down else None,
+        "partition_sha": dense.get("partition_sha"),
+        "init_sha": dense.get("init_sha"),
         "wall_s": wall_s,
         "time_split_s": {
             k[len("time_") : -len("_s")]: v for k, v in last.items() if k.startswith("time_")
         },
     }
+
+
+@dataclass
+class PreparedRun:
+    """Everything an engine needs, built by :func:`prepare_run`."""
+
+    cfg: RunConfig
+    fed: Federation
+    spec: ModelSpec
+    server: ServerMethod
+    client_factory: Callable[[], ClientMethod]
+    dense: dict[str, Any]
+    run_dir: Path
+    t0: float
+
+    def on_round(
+        self, then: Callable[[dict[str, Any]], None] | None = None
+    ) -> Callable[[dict[str, Any]], None]:
+        """A round callback that appends to ``metrics.jsonl``, then calls ``then``."""
+
+        def _on_round(rec: dict[str, Any]) -> None:
+            rundir.append_metrics(self.run_dir, rec)
+            if then is not None:
+                then(rec)
+
+        return _on_round
+
+
+def prepare_run(
+    cfg: RunConfig,
+    *,
+    fed: Federation | None = None,
+    on_start: Callable[[Path, Federation], None] | None = None,
+) -> PreparedRun:
+    """Load data, build the model and the method's halves, create the run directory."""
+    t0 = time.perf_counter()
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    if fed is None:
+        fed = load_federation(cfg)
+    spec = model_spec(cfg, fed)
+    model = spec.build(seed=cfg.seed)
+    info = get_method(cfg.method)
+    dense_stats = ModelStatsCounter(fed.input_shape)(model)
+    dense = {
+        "params": dense_stats.params,
+        "flops": dense_stats.flops,
+        "partition_sha": partition_fingerprint(fed),
+        "init_sha": state_fingerprint(model.state_dict()),
+    }
+    run_dir = rundir.make_run_dir(cfg)
+    plot_label_distribution(fed, run_dir / "label_distribution.png")
+    if on_start is not None:
+        on_start(run_dir, fed)
+    server = info.server(cfg, spec, model)
+    factory = functools.partial(info.client, cfg, spec)
+    return PreparedRun(cfg, fed, spec, server, factory, dense, run_dir, t0)
+
+
+def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
+    """Write ``summary.json``, the final model and the plots; return the result."""
+    from fedprune.plots import plot_run  # matplotlib: imported only when plotting
+
+    cfg, spec, server = run.cfg, run.spec, run.server
+    wall = time.perf_counter() - run.t0
+    summary = summarize(cfg, records, run.dense, wall)
+    rundir.write_json(run.run_dir / rundir.SUMMARY, summary)
+    rundir.save_model(
+        run.run_dir,
+        server.model,
+        {
+            "model": spec.name,
+            "input_shape": list(spec.input_shape),
+            "num_classes": spec.num_classes,
+            "hidden": spec.hidden,
+            "history": getattr(server, "history", []),
+        },
+    )
+    plot_run(records, run.run_dir, f"{cfg.method} on {cfg.data.dataset} ({cfg.model.name})")
+    return RunResult(run.run_dir, summary, records, server.model)
 
 
 def run_experiment(
@@ -115,48 +215,12 @@ def run_experiment(
     on_start
         Called once the run directory exists and the data are loaded.
     """
-    t0 = time.perf_counter()
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    if fed is None:
-        fed = load_federation(cfg)
-    spec = model_spec(cfg, fed)
-    model = spec.build(seed=cfg.seed)
-    info = get_method(cfg.method)
-    dense_stats = ModelStatsCounter(fed.input_shape)(model)
-    dense = {"params": dense_stats.params, "flops": dense_stats.flops}
-    run_dir = rundir.make_run_dir(cfg)
-    plot_label_distribution(fed, run_dir / "label_distribution.png")
-    if on_start is not None:
-        on_start(run_dir, fed)
-    server = info.server(cfg, spec, model)
-    factory = functools.partial(info.client, cfg, spec)
+    run = prepare_run(cfg, fed=fed, on_start=on_start)
     if cfg.engine.name == "flower":
         from fedprune.engines.flower import FlowerSimulationEngine  # optional dependency
 
-        engine: Any = FlowerSimulationEngine(cfg, fed, server, factory)
+        engine: Any = FlowerSimulationEngine(cfg, run.fed, run.server, run.client_factory)
     else:
-        engine = InProcessEngine(cfg, fed, server, factory)
-
-    def _on_round(rec: dict[str, Any]) -> None:
-        rundir.append_metrics(run_dir, rec)
-        if on_round is not None:
-            on_round(rec)
-
-    records = engine.run(_on_round)
-    wall = time.perf_counter() - t0
-    summary = summarize(cfg, records, dense, wall)
-    rundir.write_json(run_dir / rundir.SUMMARY, summary)
-    rundir.save_model(
-        run_dir,
-        server.model,
-        {
-            "model": spec.name,
-            "input_shape": list(spec.input_shape),
-            "num_classes": spec.num_classes,
-            "hidden": spec.hidden,
-            "history": getattr(server, "history", []),
-        },
-    )
-    plot_run(records, run_dir, f"{cfg.method} on {cfg.data.dataset} ({cfg.model.name})")
-    return RunResult(run_dir, summary, records, server.model)
+        engine = InProcessEngine(cfg, run.fed, run.server, run.client_factory)
+    records = engine.run(run.on_round(on_round))
+    return finish_run(run, records)

@@ -17,15 +17,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedprune.config import RunConfig
-from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_numel
 from fedprune.core.codec import Payload, decode_payload, encode_payload
 from fedprune.core.sampling import sample_clients
-from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
+from fedprune.engines.common import RoundAccounting, make_sampler
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -83,13 +81,14 @@ class InProcessEngine:
         self.server = server
         self.client_factory = client_factory
         self.num_clients = len(fed.clients)
-        self.traffic = Traffic()
-        self.timer = Timer()
-        self.stats = ModelStatsCounter(fed.input_shape)
-        self.dense_message_bytes = 4 * state_numel(server.model)
+        self.accounting = RoundAccounting(cfg, fed, server.model)
+        self.traffic = self.accounting.traffic
+        self.timer = self.accounting.timer
+        self.stats = self.accounting.stats
+        self.dense_message_bytes = self.accounting.dense_message_bytes
         self._client: ClientMethod | None = None
         self._pool: Any = None
-        self._sampler = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
+        self._sampler = make_sampler(cfg)
 
     # -- transport ------------------------------------------------------------------
     def exchange(self, task: str, payloads: Mapping[int, Payload]) -> list[ClientReply]:
@@ -103,14 +102,9 @@ class InProcessEngine:
                 buf = encode_payload(p, fp16=fp16)
                 cache[id(p)] = buf
             encoded[cid] = buf
-        dense = self.dense_message_bytes if task == "fit" else 0
-        self.traffic.add(
-            down=sum(len(b) for b in encoded.values()), dense_down=dense * len(encoded)
-        )
+        self.accounting.count_down(task, (len(b) for b in encoded.values()))
         replies_raw = self._run(task, encoded)
-        self.traffic.add(
-            up=sum(len(b) for b in replies_raw.values()), dense_up=dense * len(replies_raw)
-        )
+        self.accounting.count_up(task, (len(b) for b in replies_raw.values()))
         return [ClientReply(cid, decode_payload(replies_raw[cid])) for cid in sorted(replies_raw)]
 
     def _run(self, task: str, encoded: dict[int, bytes]) -> dict[int, bytes]:
@@ -146,19 +140,17 @@ class InProcessEngine:
         try:
             with self.timer.phase("setup"):
                 self.server.setup(self)
-            setup_up, setup_down = self.traffic.up, self.traffic.down
+            self.accounting.end_setup()  # setup traffic is charged to round 1
             k = cfg.clients_per_round()
             for rnd in range(1, cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
-                self.traffic.start_round()
-                if rnd == 1:  # setup traffic is charged to round 1
-                    self.traffic.up, self.traffic.down = setup_up, setup_down
+                self.accounting.begin_round(rnd)
                 cids = sample_clients(self._sampler, self.num_clients, k)
                 with self.timer.phase("train"):
                     replies = self.exchange("fit", self.server.configure_fit(rnd, cids))
                 with self.timer.phase("aggregate"):
                     extra = self.server.aggregate_fit(rnd, replies)
-                rec = self._record(rnd, cids, replies, extra)
+                rec = self.accounting.record(rnd, cids, replies, extra, self.server.model)
                 rec["round_s"] = time.perf_counter() - t_round
                 rec["wall_s"] = time.perf_counter() - t_start
                 records.append(rec)
@@ -167,55 +159,3 @@ class InProcessEngine:
         finally:
             self.close()
         return records
-
-    def _record(
-        self, rnd: int, cids: list[int], replies: list[ClientReply], extra: dict[str, float]
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        model = self.server.model
-        rec: dict[str, Any] = {"round": rnd, "clients": len(replies), "sampled": cids}
-        do_eval = rnd % cfg.federation.eval_every == 0 or rnd == cfg.federation.rounds
-        with self.timer.phase("evaluate"):
-            if do_eval:
-                loss, acc = evaluate(model, self.fed.x_test, self.fed.y_test)
-                rec["test_loss"], rec["test_accuracy"] = loss, acc
-                if cfg.federation.local_eval:
-                    rec["local_test_accuracy"] = self._local_accuracy()
-            else:
-                rec["test_loss"] = rec["test_accuracy"] = None
-            stats = self.stats(model)
-        n = sum(r.num_examples for r in replies)
-        rec["train_loss"] = (
-            sum(r.payload.metrics.get("train_loss", 0.0) * r.num_examples for r in replies) / n
-            if n
-            else None
-        )
-        rec.update(
-            sparsity=stats.sparsity,
-            params=stats.params,
-            nonzero_params=stats.nonzero_params,
-            flops=stats.flops,
-            effective_flops=stats.effective_flops,
-            bytes_up=self.traffic.up,
-            bytes_down=self.traffic.down,
-            cum_bytes_up=self.traffic.cum_up,
-            cum_bytes_down=self.traffic.cum_down,
-            dense_bytes_up=self.traffic.dense_up,
-            dense_bytes_down=self.traffic.dense_down,
-            cum_dense_bytes_up=self.traffic.cum_dense_up,
-            cum_dense_bytes_down=self.traffic.cum_dense_down,
-        )
-        rec.update({f"time_{k}_s": v for k, v in self.timer.seconds.items()})
-        rec.update(extra)
-        return rec
-
-    def _local_accuracy(self) -> float | None:
-        correct = 0.0
-        total = 0
-        for c in self.fed.clients:
-            if c.x_test is None or c.y_test is None or len(c.y_test) == 0:
-                continue
-            _, acc = evaluate(self.server.model, c.x_test, c.y_test)
-            correct += acc * len(c.y_test)
-            total += len(c.y_test)
-        return correct / total if total else None

@@ -1,0 +1,166 @@
+"""What every engine shares: the client sampler and the per-round accounting.
+
+Principle 1 of the design ("one engine, one accounting") holds across engines because
+the in-process engine and the Flower engine both sample with :func:`make_sampler` and
+count, time and record each round through one :class:`RoundAccounting`. An engine only
+tells it how many encoded bytes crossed in each direction and which replies arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from fedprune.config import RunConfig
+from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_numel
+from fedprune.core.training import evaluate
+from fedprune.data.federation import Federation
+from fedprune.methods.base import ClientReply
+
+__all__ = ["RoundAccounting", "make_sampler"]
+
+
+def make_sampler(cfg: RunConfig) -> np.random.Generator:
+    """The run's client-sampling generator (seeded once, advanced every round).
+
+    Every engine draws its round's clients from this generator with
+    :func:`fedprune.core.sampling.sample_clients`, so two engines given the same config
+    sample the same clients in the same rounds.
+    """
+    return np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
+
+
+class RoundAccounting:
+    """Bytes, time and model statistics of a run, and the per-round records.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration.
+    fed
+        The federation (global test set, local test sets, input shape).
+    model
+        The initial global model; its state size fixes what one dense fp32 message
+        would cost (``dense_*`` counters).
+
+    Attributes
+    ----------
+    traffic : Traffic
+        Encoded bytes per direction, per round and cumulated.
+    timer : Timer
+        Wall time per phase (``setup``, ``train``, ``aggregate``, ``evaluate``).
+    stats : ModelStatsCounter
+        Parameter and FLOP counter of the global model.
+    dense_message_bytes : int
+        Size of one dense fp32 model message (4 bytes per state value).
+    """
+
+    def __init__(self, cfg: RunConfig, fed: Federation, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.fed = fed
+        self.traffic = Traffic()
+        self.timer = Timer()
+        self.stats = ModelStatsCounter(fed.input_shape)
+        self.dense_message_bytes = 4 * state_numel(model)
+        self._setup_up = 0
+        self._setup_down = 0
+
+    # -- bytes ------------------------------------------------------------------------
+    def count_down(self, task: str, lengths: Iterable[int]) -> None:
+        """Count server-to-client buffers (one length per delivered message)."""
+        sizes = list(lengths)
+        dense = self.dense_message_bytes if task == "fit" else 0
+        self.traffic.add(down=sum(sizes), dense_down=dense * len(sizes))
+
+    def count_up(self, task: str, lengths: Iterable[int]) -> None:
+        """Count client-to-server buffers (one length per reply)."""
+        sizes = list(lengths)
+        dense = self.dense_message_bytes if task == "fit" else 0
+        self.traffic.add(up=sum(sizes), dense_up=dense * len(sizes))
+
+    def end_setup(self) -> None:
+        """Remember the setup phase's traffic; it is charged to round 1."""
+        self._setup_up, self._setup_down = self.traffic.up, self.traffic.down
+
+    def begin_round(self, rnd: int) -> None:
+        """Reset the per-round counters (round 1 starts with the setup traffic)."""
+        self.traffic.start_round()
+        if rnd == 1:
+            self.traffic.up, self.traffic.down = self._setup_up, self._setup_down
+
+    # -- records ----------------------------------------------------------------------
+    def record(
+        self,
+        rnd: int,
+        cids: list[int],
+        replies: list[ClientReply],
+        extra: dict[str, Any],
+        model: nn.Module,
+    ) -> dict[str, Any]:
+        """The round's metrics record (evaluation included; ``round_s``/``wall_s`` not).
+
+        Parameters
+        ----------
+        rnd
+            Round number, from 1.
+        cids
+            The clients sampled this round.
+        replies
+            The decoded replies that reached the server half.
+        extra
+            What ``ServerMethod.aggregate_fit`` returned.
+        model
+            The global model after aggregation.
+        """
+        cfg = self.cfg
+        rec: dict[str, Any] = {"round": rnd, "clients": len(replies), "sampled": cids}
+        do_eval = rnd % cfg.federation.eval_every == 0 or rnd == cfg.federation.rounds
+        with self.timer.phase("evaluate"):
+            if do_eval:
+                loss, acc = evaluate(model, self.fed.x_test, self.fed.y_test)
+                rec["test_loss"], rec["test_accuracy"] = loss, acc
+                if cfg.federation.local_eval:
+                    rec["local_test_accuracy"] = self.local_accuracy(model)
+            else:
+                rec["test_loss"] = rec["test_accuracy"] = None
+            stats = self.stats(model)
+        n = sum(r.num_examples for r in replies)
+        rec["train_loss"] = (
+            sum(r.payload.metrics.get("train_loss", 0.0) * r.num_examples for r in replies) / n
+            if n
+            else None
+        )
+        t = self.traffic
+        rec.update(
+            sparsity=stats.sparsity,
+            params=stats.params,
+            nonzero_params=stats.nonzero_params,
+            flops=stats.flops,
+            effective_flops=stats.effective_flops,
+            bytes_up=t.up,
+            bytes_down=t.down,
+            cum_bytes_up=t.cum_up,
+            cum_bytes_down=t.cum_down,
+            dense_bytes_up=t.dense_up,
+            dense_bytes_down=t.dense_down,
+            cum_dense_bytes_up=t.cum_dense_up,
+            cum_dense_bytes_down=t.cum_dense_down,
+        )
+        rec.update({f"time_{k}_s": v for k, v in self.timer.seconds.items()})
+        rec.update(extra)
+        return rec
+
+    def local_accuracy(self, model: nn.Module) -> float | None:
+        """Sample-weighted accuracy over the clients' local test splits (None if none)."""
+        correct = 0.0
+        total = 0
+        for c in self.fed.clients:
+            if c.x_test is None or c.y_test is None or len(c.y_test) == 0:
+                continue
+            _, acc = evaluate(model, c.x_test, c.y_test)
+            correct += acc * len(c.y_test)
+            total += len(c.y_test)
+        return correct / total if total else None

@@ -1,0 +1,661 @@
+"""The Flower engine: wire format, strategy, simulation runtime and deployment runtime.
+
+Fast tests drive the strategy and the ClientApp through an in-memory grid (no Ray, no
+network). The ``slow`` tests start Ray (``run_simulation``) and a real SuperLink with
+two SuperNodes on loopback; every process they start is stopped by PID or process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprune import rundir
+from fedprune.config import RunConfig, load_config
+from fedprune.core.codec import Payload, encode_arrays, encode_payload
+from fedprune.core.masks import weight_sparsity
+from fedprune.engines.flower import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    STYPE,
+    FedpruneStrategy,
+    FlowerEngineError,
+    _content,
+    config_from_run_config,
+    decode_content,
+    encode_for_flower,
+    make_client_app,
+    run_config_defaults,
+    run_config_from_config,
+)
+from fedprune.errors import ConfigError, DecodeError
+from fedprune.experiment import (
+    RunResult,
+    load_federation,
+    model_spec,
+    prepare_run,
+    run_experiment,
+)
+from fedprune.methods.registry import get_method, list_methods
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _cfg(tmp_path: Path, *extra: str) -> RunConfig:
+    return load_config(
+        overrides=[
+            f"out='{tmp_path}'",
+            "federation.rounds=3",
+            "data.num_clients=4",
+            "federation.clients_per_round=3",
+            *extra,
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------ wire
+
+
+def _payload() -> Payload:
+    w = torch.randn(6, 5)
+    w[w.abs() < 0.8] = 0.0  # sparse enough for a non-dense format
+    return Payload(
+        arrays={"fc.weight": w, "fc.bias": torch.randn(6), "mask/fc.weight": w != 0},
+        config={"task": "fit", "round": 3, "arch": [{"layer": "conv1", "keep": [0, 2]}]},
+        metrics={"num_examples": 17.0, "train_loss": float("nan")},
+    )
+
+
+def test_wire_carries_the_codec_buffers_and_counts_their_length() -> None:
+    p = _payload()
+    enc = encode_for_flower(p)
+    content = _content(enc, "fit")
+    arrays = content[ARRAYS_KEY]
+    assert isinstance(arrays, ArrayRecord)
+    # one Array per tensor, byte for byte the codec's per-tensor buffers
+    assert {n: a.data for n, a in arrays.items()} == encode_arrays(p.arrays)
+    assert all(a.stype == STYPE for a in arrays.values())
+    assert arrays["fc.weight"].shape == (6, 5) and arrays["fc.weight"].dtype == "float32"
+    assert arrays["mask/fc.weight"].dtype == "bool"
+    # counted bytes = what the in-process engine counts for the same payload
+    assert enc.nbytes == len(encode_payload(p))
+    task, q, nbytes = decode_content(content)
+    assert (task, nbytes) == ("fit", enc.nbytes)
+    assert list(q.arrays) == list(p.arrays)
+    for k in p.arrays:
+        assert torch.equal(q.arrays[k], p.arrays[k])
+    assert q.config == p.config
+    assert q.metrics["num_examples"] == 17.0
+
+
+def _tampered(kind: str) -> RecordDict:
+    content = _content(encode_for_flower(_payload()), "fit")
+    arrays = content[ARRAYS_KEY]
+    assert isinstance(arrays, ArrayRecord)
+    a = arrays["fc.bias"]
+    if kind == "truncated":
+        arrays["fc.bias"] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:-3])
+    elif kind == "stype":
+        arrays["fc.bias"] = Array(dtype=a.dtype, shape=a.shape, stype="numpy.ndarray", data=a.data)
+    elif kind == "shape":
+        arrays["fc.bias"] = Array(dtype=a.dtype, shape=(2, 3), stype=a.stype, data=a.data)
+    elif kind == "missing":
+        del arrays["fc.bias"]
+    elif kind == "no-config":
+        del content[CONFIG_KEY]
+    return content
+
+
+@pytest.mark.parametrize("kind", ["truncated", "stype", "shape", "missing", "no-config"])
+def test_malformed_messages_raise_decode_error(kind: str) -> None:
+    with pytest.raises(DecodeError):
+        decode_content(_tampered(kind))
+
+
+# ------------------------------------------------------------------------ run config
+
+
+def test_run_config_round_trips_and_rejects_unknown_keys() -> None:
+    cfg = load_config(
+        overrides=["method=fedavg", "pruning.final_sparsity=0.5", "data.num_clients=3"]
+    )
+    back, options = config_from_run_config({**run_config_from_config(cfg), "flower.node-wait": 7})
+    assert back.method == "fedavg" and back.pruning.final_sparsity == 0.5
+    assert back.data.num_clients == 3 and back.engine.name == "flower"
+    assert options.node_wait == 7.0
+    partial, _ = config_from_run_config({"federation.rounds": 4})  # the rest: defaults
+    assert partial.federation.rounds == 4 and partial.method == RunConfig().method
+    with pytest.raises(ConfigError, match=r"pruning\.final_sparsty"):
+        config_from_run_config({"pruning.final_sparsty": 0.5})
+    with pytest.raises(ConfigError, match=r"flower\.nope"):
+        config_from_run_config({"flower.nope": 1})
+
+
+def test_pyproject_declares_the_app_and_mirrors_every_config_key() -> None:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    app = data["tool"]["flwr"]["app"]
+    assert app["components"] == {
+        "serverapp": "fedprune.flower_app:server_app",
+        "clientapp": "fedprune.flower_app:client_app",
+    }
+    assert "federations" not in data["tool"]["flwr"]  # 1.41 would rewrite pyproject.toml
+    expected = run_config_defaults()
+    got = app["config"]
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    assert not missing and not extra, (
+        f"[tool.flwr.app.config] is out of date (missing {missing}, unknown {extra}); "
+        "regenerate it with `python -m fedprune.flower_app`"
+    )
+    assert got == expected
+
+
+# ------------------------------------------------------------- strategy, in memory
+
+
+class MemoryGrid(Grid):
+    """Delivers messages by calling the ClientApp directly, one context per node."""
+
+    def __init__(
+        self, app: ClientApp, n: int, *, tamper: dict[int, str] | None = None, nodes: int = 0
+    ) -> None:
+        self.app = app
+        self.tamper = tamper or {}
+        self.contexts = {
+            7000 + i: Context(
+                run_id=1,
+                node_id=7000 + i,
+                node_config={"partition-id": i, "num-partitions": n},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(nodes or n)
+        }
+        self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - unused
+        pass
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - unused
+        return None
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for m in messages:
+            msg_id = m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(m)
+            self.replies[msg_id] = self._deliver(m)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _deliver(self, m: Message) -> Message:
+        ctx = self.contexts[m.metadata.dst_node_id]
+        try:
+            reply = self.app(m, ctx)
+        except Exception as e:  # the runtimes turn exceptions into error replies
+            reply = Message(Error(code=0, reason=repr(e)), reply_to=m)
+        pid = ctx.node_config["partition-id"]
+        if m.metadata.message_type == "train" and self.tamper.get(int(pid)) == "corrupt":
+            arrays = reply.content[ARRAYS_KEY]
+            assert isinstance(arrays, ArrayRecord)
+            name = next(iter(arrays))
+            a = arrays[name]
+            arrays[name] = Array(
+                dtype=a.dtype, shape=a.shape, stype=a.stype, data=b"FPT" + a.data[3:-1]
+            )
+        return reply
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's per-process identity, which the runtimes set before a ServerApp runs."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_strategy_on_memory_grid_matches_the_inprocess_engine(tmp_path: Path) -> None:
+    ref = run_experiment(_cfg(tmp_path))
+    cfg = _cfg(tmp_path, "engine.name=flower")
+    run = prepare_run(cfg)
+    seen: list[int] = []
+    strategy = FedpruneStrategy(
+        cfg, run.fed, run.server, on_round=lambda r: seen.append(r["round"])
+    )
+    grid = MemoryGrid(make_client_app(cfg), 4)
+    records = strategy.run(grid)
+    assert seen == [1, 2, 3]
+    assert strategy.node_of == {i: 7000 + i for i in range(4)}
+    for a, b in zip(ref.records, records, strict=True):
+        assert set(a) == set(b)
+        for key in ("sampled", "clients", "bytes_up", "bytes_down", "cum_dense_bytes_up"):
+            assert a[key] == b[key], key
+        for key in ("test_accuracy", "sparsity", "train_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    # every train message carries one Array per tensor with fedprune's stype
+    fits = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(fits) == 9
+    assert all(a.stype == STYPE for m in fits for a in m.content[ARRAYS_KEY].values())  # type: ignore[union-attr]
+    # client bookkeeping lives in context.state
+    state = grid.contexts[7000].state["fedprune.node"]
+    assert state["partition-id"] == 0 and state["messages"] >= 2  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_undecodable_reply_is_dropped_with_a_logged_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(tmp_path, "engine.name=flower", "federation.rounds=2", "method=fedavg")
+    run = prepare_run(cfg)
+    strategy = FedpruneStrategy(cfg, run.fed, run.server)
+    grid = MemoryGrid(make_client_app(cfg), 4, tamper={1: "corrupt"})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        records = strategy.run(grid)
+    for rec in records:
+        if 1 in rec["sampled"]:
+            assert rec["dropped"] == 1 and "undecodable" in rec["drops"][1]
+            assert rec["clients"] == len(rec["sampled"]) - 1
+        else:  # pragma: no cover - depends on the seed's draw
+            assert "dropped" not in rec
+    assert any("dropped" in rec for rec in records)
+    assert any("dropping the reply of client 1" in r.getMessage() for r in caplog.records)
+    assert records[-1]["test_accuracy"] is not None
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_discovery_names_the_missing_partition(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "engine.name=flower", "federation.rounds=1")
+    run = prepare_run(cfg)
+    strategy = FedpruneStrategy(cfg, run.fed, run.server)
+    grid = MemoryGrid(make_client_app(cfg), 4, nodes=4)
+    del grid.contexts[7002]  # partition 2 has no node ...
+    grid.contexts[7009] = Context(  # ... and a fourth node claims partition 1 again
+        run_id=1,
+        node_id=7009,
+        node_config={"partition-id": 1, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
+    with pytest.raises(FlowerEngineError, match="both have partition-id=1"):
+        strategy.discover(grid)
+    grid.contexts[7009].node_config["partition-id"] = 9  # out of range: ignored
+    with pytest.raises(FlowerEngineError, match=r"client\(s\) \[2\]"):
+        strategy.discover(grid)
+
+
+# ------------------------------------------------------------- simulation runtime
+
+
+def _run_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+@pytest.mark.slow
+def test_flower_simulation_matches_the_inprocess_engine(tmp_path: Path) -> None:
+    ref = run_experiment(_cfg(tmp_path / "a"))
+    rounds: list[int] = []
+    res = run_experiment(
+        _cfg(tmp_path / "b", "engine.name=flower"), on_round=lambda r: rounds.append(r["round"])
+    )
+    assert rounds == [1, 2, 3]  # the per-round callback fired (the CLI prints lines)
+    assert res.summary["final_accuracy"] == pytest.approx(ref.summary["final_accuracy"], abs=1e-6)
+    for a, b in zip(ref.records, res.records, strict=True):
+        assert set(a) == set(b)
+        assert (a["sampled"], a["bytes_up"], a["bytes_down"]) == (
+            b["sampled"],
+            b["bytes_up"],
+            b["bytes_down"],
+        )
+        assert a["sparsity"] == pytest.approx(b["sparsity"], abs=1e-9)
+    for key in ("total_bytes_up", "total_bytes_down", "dense_bytes_up", "final_nonzero_params"):
+        assert res.summary[key] == ref.summary[key], key
+    assert _run_files(res.run_dir) == _run_files(ref.run_dir)
+    assert len(rundir.read_metrics(res.run_dir)) == 3
+    import ray
+
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------- deployment runtime
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        out.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def _descendants(pids: Iterable[int]) -> set[int]:
+    tree = _children()
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        for child in tree.get(pid, []):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+    return True
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    """SIGTERM our processes, their process groups and every descendant; then SIGKILL.
+
+    The SuperLink starts its SuperExec detached (a session of its own), so descendants
+    are collected by parent pid before anything is signalled.
+    """
+    own = os.getpgid(0)
+    pids = {p.pid for p in procs} | _descendants(p.pid for p in procs)
+    groups = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(pid))
+    groups.discard(own)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(g, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        if not any(_alive(pid) for pid in pids):
+            return
+
+
+@dataclass
+class Deployment:
+    """A SuperLink with two SuperNodes on loopback, and a CLI configured for it."""
+
+    home: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]]
+    logs: Path
+    connection: str = "fedprune-test"
+
+    def flwr(self, *args: str, timeout: float = 180) -> str:
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"flwr {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+        return out.stdout
+
+    def submit(self, run_config: dict[str, Any]) -> int:
+        text = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        out = self.flwr("run", str(REPO), self.connection, "--format", "json", "--run-config", text)
+        return int(json.loads(out[out.index("{") :])["run-id"])
+
+    def status(self, run_id: int) -> str:
+        out = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        return str(json.loads(out[out.index("{") :])["runs"][0]["status"])
+
+    def wait(self, run_id: int, marker: Path, limit: float = 300.0) -> str:
+        """Wait (bounded) until ``marker`` exists and the run is finished; its status.
+
+        The file is checked every second; the (CPU-hungry) CLI only every 20 s, so the
+        poll does not slow the run down on a small machine.
+        """
+        deadline = time.monotonic() + limit
+        status = "unknown"
+        last_cli = time.monotonic()
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                break
+            if marker.exists() or time.monotonic() - last_cli > 20:
+                status = self.status(run_id)
+                last_cli = time.monotonic()
+                if status.startswith("finished"):
+                    return status
+            time.sleep(1)
+        tails = "\n".join(
+            f"--- {f.name}\n" + f.read_text(errors="replace")[-3000:]
+            for f in sorted(self.logs.glob("*.log"))
+        )
+        raise AssertionError(f"run {run_id} did not finish (status {status}):\n{tails}")
+
+
+def _wait_port(port: int, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {limit} s")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    home = tmp_path_factory.mktemp("flower")
+    logs = home / "logs"
+    logs.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+        "FEDPRUNE_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    link, node0, node1 = _free_ports(3)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, cmd: list[str]) -> None:
+        flwr_home = home / name
+        flwr_home.mkdir()
+        with open(logs / f"{name}.log", "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**env, "FLWR_HOME": str(flwr_home)},
+                    cwd=flwr_home,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    try:
+        start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        _wait_port(link)
+        for i, port in enumerate((node0, node1)):
+            start(
+                f"supernode{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                ],
+            )
+        cli_home = home / "cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(
+            "[superlink]\n"
+            'default = "fedprune-test"\n'
+            '[superlink."fedprune-test"]\n'
+            f'address = "127.0.0.1:{link}"\n'
+            "insecure = true\n",
+            encoding="utf-8",
+        )
+        env["FLWR_HOME"] = str(cli_home)
+        yield Deployment(home, env, procs, logs)
+    finally:
+        _stop(procs)
+        left = [p.pid for p in procs if p.poll() is None]
+        assert not left, f"processes still running: {left}"
+
+
+def _deployed_vs_inprocess(
+    deployment: Deployment, tmp_path: Path, name: str, extra: dict[str, Any]
+) -> tuple[Path, RunResult, RunConfig]:
+    """Run one 2-round config on the deployment and in process; return both and the config."""
+    settings: dict[str, Any] = {
+        "federation.rounds": 2,
+        "data.num_clients": 2,
+        "train.local_epochs": 1,
+        **extra,
+    }
+    out = tmp_path / "deployed"
+    # a lost reply ends the round after 120 s instead of an hour
+    run_id = deployment.submit(
+        {**settings, "out": str(out), "name": name, "flower.round-timeout": 120}
+    )
+    cfg = load_config(overrides=[f"out='{tmp_path / 'inprocess'}'"], values=settings)
+    ref = run_experiment(cfg)  # while the deployment runs
+    run_dir = out / name
+    assert deployment.wait(run_id, run_dir / rundir.SUMMARY) == "finished:completed"
+    return run_dir, ref, cfg
+
+
+@pytest.mark.slow
+def test_deployment_fedsparsify_global(deployment: Deployment, tmp_path: Path) -> None:
+    run_dir, ref, cfg = _deployed_vs_inprocess(
+        deployment, tmp_path, "fsg", {"method": "fedsparsify-global"}
+    )
+    records = rundir.read_metrics(run_dir)
+    summary = rundir.read_summary(run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(r["clients"] == 2 for r in records)
+    # the global model has the scheduled sparsity (final_sparsity at the last round)
+    model = copy.deepcopy(ref.model)
+    model.load_state_dict(rundir.load_weights(run_dir))
+    assert weight_sparsity(model) == pytest.approx(cfg.pruning.final_sparsity, abs=1e-3)
+    assert weight_sparsity(model) == pytest.approx(records[-1]["sparsity"], abs=1e-12)
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
+    assert summary["final_accuracy"] == pytest.approx(ref.summary["final_accuracy"], abs=1e-6)
+    # bytes: the codec's buffer lengths, as the in-process engine counts them ...
+    for a, b in zip(ref.records, records, strict=True):
+        assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"])
+    # ... and round 1's download is the encoded initial broadcast, once per client
+    spec = model_spec(cfg, load_federation(cfg))
+    server = get_method(cfg.method).server(cfg, spec, spec.build(seed=cfg.seed))
+    broadcast = server.configure_fit(1, [0, 1])[0]
+    assert records[0]["bytes_down"] == 2 * len(encode_payload(broadcast))
+
+
+@pytest.mark.slow
+def test_deployment_autostructured(deployment: Deployment, tmp_path: Path) -> None:
+    if "autostructured" not in {m.name for m in list_methods()}:
+        pytest.skip("the autostructured method is not registered yet")
+    run_dir, ref, _ = _deployed_vs_inprocess(
+        deployment,
+        tmp_path,
+        "auto",
+        {"method": "autostructured", "model.name": "resnet7", "structured.k": 0.5},
+    )
+    records = rundir.read_metrics(run_dir)
+    arch = json.loads((run_dir / rundir.ARCH).read_text(encoding="utf-8"))
+    # the architecture shrank after round 1 and travelled as JSON to the SuperNodes
+    assert arch["history"], "no structured pruning happened"
+    assert records[1]["params"] < ref.summary["dense_params"]
+    assert records[1]["bytes_down"] < records[0]["bytes_down"]
+    for a, b in zip(ref.records, records, strict=True):
+        assert (a["params"], a["bytes_up"], a["bytes_down"]) == (
+            b["params"],
+            b["bytes_up"],
+            b["bytes_down"],
+        )
+    weights = rundir.load_weights(run_dir)
+    assert {k: list(v.shape) for k, v in weights.items()} == arch["shapes"]
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(weights[k], v, atol=1e-6), k
