@@ -231,14 +231,160 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="onnx, or pte (ExecuTorch; needs the executorch package)."),
+    ] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Output file (default RUN_DIR/model.onnx or .pte).")
+    ] = None,
+) -> None:
+    """Export a run's final model (rebuilt from its architecture JSON and weights)."""
+    from fedprune.export import export_onnx, export_pte
+
+    fmt = format_.lower()
+    if fmt == "onnx":
+        path = export_onnx(run_dir, out)
+    elif fmt in ("pte", "executorch"):
+        path = export_pte(run_dir, out)
+    else:
+        raise UserInputError(f"unknown export format {format_!r}: choose onnx or pte")
+    console.print(
+        f"{fmt.upper()} model written to {path} ({path.stat().st_size / 1e3:.1f} kB)",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def latency(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    runs: Annotated[int, typer.Option(help="Timed runs per model (>= 1).")] = 200,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model first.")] = 20,
+) -> None:
+    """Time the dense initial and the final model in onnxruntime (1 thread, batch 1)."""
+    from fedprune.export import measure_latency
+
+    res = measure_latency(run_dir, runs=runs, warmup=warmup)
+    table = Table("model", "params", "ONNX kB", "median ms", "p90 ms", "min ms")
+    for key in ("dense", "final"):
+        r = res[key]
+        table.add_row(
+            "dense initial" if key == "dense" else "final",
+            f"{r['params']:,}",
+            f"{r['onnx_bytes'] / 1e3:.1f}",
+            f"{r['median_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['min_ms']:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"speedup {res['speedup']:.2f}x (dense median / final median), {res['runtime']}, "
+        f"{res['runs']} runs after {res['warmup']} warm-up, written to "
+        f"{Path(run_dir) / 'summary.json'}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods, e.g. fedavg,fedsparsify-global,snip.")
+    ] = "fedavg,fedsparsify-global,fedsparsify-local",
+    seeds: Annotated[
+        str | None, typer.Option(help="Comma-separated seeds (mean ± std over them).")
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(help="Accuracy (0-1) for rounds/MB-to-target (default FedAvg's - 1 pt)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Comparison directory.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Data set.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model.")] = None,
+    partition: Annotated[str | None, typer.Option(help="Partition.")] = None,
+    clients: Annotated[int | None, typer.Option(help="Number of clients.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-run lines.")] = False,
+) -> None:
+    """Run several methods on identical partitions, seeds and initial weights; compare them."""
+    from fedprune.compare import parse_methods, run_compare
+
+    flags = {k: v for k, v in locals().items() if k in _FLAG_KEYS and v is not None}
+    flags.pop("out", None)
+    cfg = _build_config(config, set_, flags)
+    names = parse_methods(methods)
+    try:
+        seed_list = [int(x) for x in seeds.split(",")] if seeds else []
+    except ValueError:
+        raise UserInputError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    if target is not None and not 0 < target <= 1:
+        raise UserInputError(f"--target must be an accuracy in (0, 1], got {target}")
+    total_rounds = cfg.federation.rounds * len(names) * max(1, len(seed_list))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    )
+    task = progress.add_task("compare", total=total_rounds)
+
+    def on_run_start(method: str, seed: int, index: int, count: int) -> None:
+        progress.update(task, description=f"{method} (seed {seed}) {index + 1}/{count}")
+
+    def on_round(method: str, seed: int, rec: dict[str, Any]) -> None:
+        progress.advance(task)
+        if not quiet and rec["round"] == cfg.federation.rounds:
+            acc = rec.get("test_accuracy")
+            progress.console.print(
+                f"{method:<20} seed {seed}: final accuracy "
+                f"{'-' if acc is None else f'{100 * acc:.2f}%'}, sparsity "
+                f"{100 * rec['sparsity']:.1f}%, "
+                f"{(rec['cum_bytes_up'] + rec['cum_bytes_down']) / MB:.2f} MB",
+                soft_wrap=True,
+            )
+
+    with progress:
+        out_dir, _ = run_compare(
+            cfg,
+            names,
+            seeds=seed_list,
+            out=out,
+            target=target,
+            on_run_start=on_run_start,
+            on_round=on_round,
+        )
+    console.print((out_dir / "comparison.md").read_text(encoding="utf-8"), soft_wrap=True)
+    console.print(f"comparison directory: {out_dir}")
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run directory or a comparison directory.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default PATH/report.html).")] = None,
+) -> None:
+    """Write a single self-contained HTML report (plots embedded) for a run or comparison."""
+    from fedprune.report import write_report
+
+    dest = write_report(path, out)
+    console.print(f"report written to {dest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedprune`` console script; returns the exit code."""
     try:
         app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:  # usage errors from click itself
-        exc.show()
+    except click.ClickException as exc:  # usage errors from click itself: one line too
+        print(f"error: {exc.format_message()}", file=sys.stderr)
         return 2
     except click.exceptions.Abort:
         err_console.print("aborted")

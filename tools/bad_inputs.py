@@ -1,0 +1,231 @@
+"""Run every bad input we know of through the CLI and write docs/bad-inputs.md.
+
+Each case is a command line (plus files it prepares in a scratch folder). The CLI must
+answer each with exit code 2 and exactly one line on stderr; the table records the line.
+
+    python tools/bad_inputs.py            # rewrite docs/bad-inputs.md
+    python tools/bad_inputs.py --check    # only verify (exit 1 on a violation)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Case:
+    """One bad input: what it is, the command, and files it needs."""
+
+    what: str
+    argv: list[str]
+    prepare: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _truncated_idx(tmp: Path) -> None:
+    d = tmp / "fashion_mnist"
+    d.mkdir(parents=True, exist_ok=True)
+    header = (2051).to_bytes(4, "big") + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with gzip.open(d / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(header + b"\x00" * 1000)  # 1,000 of 47,040,000 pixel bytes
+    for name, magic, n in [
+        ("train-labels-idx1-ubyte.gz", 2049, 60000),
+        ("t10k-images-idx3-ubyte.gz", 2051, 10000),
+        ("t10k-labels-idx1-ubyte.gz", 2049, 10000),
+    ]:
+        with gzip.open(d / name, "wb") as fh:
+            fh.write(magic.to_bytes(4, "big") + n.to_bytes(4, "big"))
+
+
+def _not_gzip(tmp: Path) -> None:
+    d = tmp / "mnist"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]:
+        (d / name).write_bytes(b"this is not a gzip file")
+
+
+def _bad_toml(tmp: Path) -> None:
+    (tmp / "bad.toml").write_text("[data\nnum_clients = 3\n")
+
+
+def _wrong_type_toml(tmp: Path) -> None:
+    (tmp / "typed.toml").write_text('[federation]\nrounds = "many"\n')
+
+
+def _misspelt_table(tmp: Path) -> None:
+    (tmp / "table.toml").write_text("[prunning]\nfinal_sparsity = 0.9\n")
+
+
+def _empty_npz(tmp: Path) -> None:
+    import numpy as np
+
+    d = tmp / "femnist"
+    d.mkdir(parents=True, exist_ok=True)
+    np.savez(d / "femnist_train.npz", x=np.zeros((2, 28, 28), np.uint8))
+    np.savez(d / "femnist_test.npz", x=np.zeros((2, 28, 28), np.uint8))
+
+
+def _not_a_run(tmp: Path) -> None:
+    (tmp / "notarun").mkdir(exist_ok=True)
+
+
+CASES: list[Case] = [
+    Case("misspelt key (`--set`)", ["run", "--set", "pruning.final_sparsty=0.9"]),
+    Case("misspelt table in a config file", ["run", "{tmp}/table.toml"], _misspelt_table),
+    Case("unknown section", ["run", "--set", "trainer.lr=0.1"]),
+    Case("`--set` without `=`", ["run", "--set", "pruning.final_sparsity"]),
+    Case("value where a table is expected", ["run", "--set", "data=3"]),
+    Case("wrong type (string for an integer)", ["run", "--set", "train.batch_size=abc"]),
+    Case("wrong type in a config file", ["run", "{tmp}/typed.toml"], _wrong_type_toml),
+    Case("fractional integer", ["run", "--set", "data.num_clients=2.5"]),
+    Case("not a boolean", ["run", "--set", "federation.local_eval=maybe"]),
+    Case("sparsity = 1", ["run", "--set", "pruning.final_sparsity=1.0"]),
+    Case("sparsity < 0", ["run", "--set", "pruning.final_sparsity=-0.1"]),
+    Case(
+        "initial sparsity above final",
+        ["run", "--set", "pruning.initial_sparsity=0.9", "--set", "pruning.final_sparsity=0.5"],
+    ),
+    Case("learning rate <= 0", ["run", "--lr", "0"]),
+    Case("zero rounds", ["run", "--rounds", "0"]),
+    Case("zero clients", ["run", "--clients", "0"]),
+    Case(
+        "more clients per round than clients", ["run", "--clients", "5", "--clients-per-round", "8"]
+    ),
+    Case("more clients than samples", ["run", "--clients", "5000"]),
+    Case("Dirichlet alpha <= 0", ["run", "--partition", "dirichlet", "--set", "data.alpha=0"]),
+    Case(
+        "classes per client above the class count",
+        ["run", "--partition", "shards", "--set", "data.classes_per_client=11"],
+    ),
+    Case("natural split without writer ids", ["run", "--partition", "natural"]),
+    Case("local test fraction = 1", ["run", "--set", "data.local_test_fraction=1"]),
+    Case("negative server momentum", ["run", "--set", "federation.server_momentum=-0.1"]),
+    Case(
+        "trim fraction >= 0.5",
+        [
+            "run",
+            "--set",
+            "federation.aggregation=trimmed_mean",
+            "--set",
+            "federation.trim_fraction=0.5",
+        ],
+    ),
+    Case("unknown method", ["run", "--method", "fedsparsify-glob"]),
+    Case("unknown model", ["run", "--model", "resnet99"]),
+    Case("model too big for the input", ["run", "--model", "gap-cnn"]),
+    Case("unknown data set", ["run", "--dataset", "imagenet"]),
+    Case("unknown partition", ["run", "--partition", "pathological"]),
+    Case("unknown engine", ["run", "--engine", "ray"]),
+    Case("unknown optimizer", ["run", "--set", "train.optimizer=rmsprop"]),
+    Case("missing config file", ["run", "{tmp}/missing.toml"]),
+    Case("config file that is not TOML", ["run", "{tmp}/bad.toml"], _bad_toml),
+    Case(
+        "missing data folder",
+        ["run", "--dataset", "mnist", "--data-dir", "{tmp}/nowhere"],
+        env={"FEDPRUNE_DATA": ""},
+    ),
+    Case(
+        "truncated IDX file",
+        ["run", "--dataset", "fashion-mnist", "--data-dir", "{tmp}"],
+        _truncated_idx,
+    ),
+    Case(
+        "data file that is not gzip",
+        ["run", "--dataset", "mnist", "--data-dir", "{tmp}"],
+        _not_gzip,
+    ),
+    Case(
+        "npz file without its arrays",
+        ["run", "--dataset", "femnist", "--data-dir", "{tmp}"],
+        _empty_npz,
+    ),
+    Case("not a number for a flag", ["run", "--rounds", "many"]),
+    Case("unknown flag", ["run", "--roundz", "3"]),
+]
+
+
+@dataclass
+class Outcome:
+    """What the CLI did with a case."""
+
+    code: int
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        """Non-empty stderr lines."""
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def run_case(case: Case, tmp: Path) -> Outcome:
+    """Run one case in-process; returns its exit code and stderr."""
+    if case.prepare is not None:
+        case.prepare(tmp)
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    if argv[0] == "run":
+        argv += ["--out", str(tmp / "runs"), "--quiet"]
+    old = {k: os.environ.get(k) for k in case.env}
+    os.environ.update(case.env)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Outcome(code, err.getvalue().replace(str(tmp), "TMP"))
+
+
+def main_cli(argv: list[str]) -> int:
+    """Check every case; rewrite the docs table unless ``--check``."""
+    os.environ.setdefault("FEDPRUNE_OFFLINE", "1")
+    rows = []
+    bad = 0
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as d:
+            out = run_case(case, Path(d))
+        ok = out.code == 2 and len(out.lines) == 1
+        bad += not ok
+        msg = out.lines[0] if out.lines else "(nothing)"
+        shown = " ".join(case.argv)
+        rows.append(f"| {case.what} | `fedprune {shown}` | {out.code} | `{msg}` |")
+        if not ok:
+            print(
+                f"VIOLATION: {case.what}: exit {out.code}, {len(out.lines)} lines", file=sys.stderr
+            )
+    if "--check" not in argv:
+        text = (
+            "# Bad input and the answers it gets\n\n"
+            "Generated by `python tools/bad_inputs.py` (tests/test_bad_inputs.py checks every\n"
+            "row: exit code 2 and exactly one line on stderr, no traceback). `{tmp}` is a\n"
+            "scratch folder the script prepares; `TMP` in a message is that folder.\n\n"
+            "| bad input | command | exit | message |\n| --- | --- | --- | --- |\n"
+            + "\n".join(rows)
+            + "\n"
+        )
+        (ROOT / "docs" / "bad-inputs.md").write_text(text, encoding="utf-8")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli(sys.argv[1:]))
