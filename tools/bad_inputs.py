@@ -127,6 +127,12 @@ CASES: list[Case] = [
             "federation.trim_fraction=0.5",
         ],
     ),
+    Case(
+        "min_clients above the clients per round",
+        ["run", "--clients", "5", "--set", "federation.min_clients=6"],
+    ),
+    Case("failure rate of 1", ["run", "--set", "engine.fail_rate=1"]),
+    Case("structured k <= 0", ["run", "--set", "structured.k=0"]),
     Case("unknown method", ["run", "--method", "fedsparsify-glob"]),
     Case("unknown model", ["run", "--model", "resnet99"]),
     Case("model too big for the input", ["run", "--model", "gap-cnn"]),

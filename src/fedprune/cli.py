@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedprune.errors import UserInputError
+from fedprune.errors import FedpruneError, UserInputError
 
 app = typer.Typer(
     name="fedprune",
@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)  # plain print: rich would wrap the line
         return 2
+    except FedpruneError as exc:  # e.g. a round without enough clients: stopped cleanly
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130

@@ -97,6 +97,10 @@ class FederationConfig:
     """``trimmed_mean``: drop this fraction of the largest and smallest values per entry."""
     eval_every: int = 1
     local_eval: bool = False
+    min_clients: int = 1
+    """A round needs at least this many sound replies; otherwise it is retried."""
+    max_retries: int = 2
+    """Retries of a round (each with a fresh client sample) before the run stops."""
 
 
 @dataclass
@@ -157,6 +161,9 @@ class EngineConfig:
     """In-process engine: train clients in this many worker processes (1 = in the main one)."""
     fp16: bool = False
     """Send floating-point values as float16 on the wire (lossy)."""
+    fail_rate: float = 0.0
+    """Failure injection for tests and benchmarks: each sampled client of a round fails
+    (raises) with this probability, decided by a seeded draw per (round, client)."""
     threads: int = 1
     """torch threads of the main process (0 = torch's default). One thread per process is
     the fast setting on small CPU machines; use ``workers`` to occupy more cores."""
@@ -254,6 +261,15 @@ class RunConfig:
             "must be in [0, 1)",
         )
         _check(self.federation.eval_every >= 1, "federation.eval_every", "must be >= 1")
+        _check(self.federation.min_clients >= 1, "federation.min_clients", "must be >= 1")
+        _check(
+            self.federation.min_clients <= self.clients_per_round(),
+            "federation.min_clients",
+            f"is {self.federation.min_clients} but only {self.clients_per_round()} clients "
+            "are sampled per round",
+        )
+        _check(self.federation.max_retries >= 0, "federation.max_retries", "must be >= 0")
+        _check(0 <= self.engine.fail_rate < 1, "engine.fail_rate", "must be in [0, 1)")
         _check(
             0 <= self.federation.trim_fraction < 0.5,
             "federation.trim_fraction",

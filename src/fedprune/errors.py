@@ -27,3 +27,8 @@ class DataError(UserInputError):
 
 class DecodeError(FedpruneError, ValueError):
     """A payload could not be decoded: wrong magic, version, lengths, shapes or counts."""
+
+
+class RoundFailedError(FedpruneError):
+    """Too few clients answered a round, even after retries; the run stopped cleanly
+    (every finished round is in ``metrics.jsonl``)."""

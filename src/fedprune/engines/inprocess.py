@@ -12,19 +12,24 @@ number of workers.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedprune.config import RunConfig
 from fedprune.core.codec import Payload, decode_payload, encode_payload
-from fedprune.core.sampling import sample_clients
+from fedprune.core.sampling import derive_seed, sample_clients
 from fedprune.data.federation import Federation
 from fedprune.engines.common import RoundAccounting, make_sampler
+from fedprune.errors import RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
+
+log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -40,18 +45,47 @@ def _init_worker(fed: Federation, factory: Callable[[], ClientMethod]) -> None:
     _W_CLIENT = factory()
 
 
+FAIL_TASK = "fit:injected-failure"
+
+
+class InjectedFailure(RuntimeError):
+    """A client failure injected by ``engine.fail_rate``."""
+
+
+def injected_failure(fail_rate: float, attempt_seed: int, cid: int) -> bool:
+    """Whether client ``cid`` fails in the attempt with seed ``attempt_seed`` (seeded draw)."""
+    if fail_rate <= 0:
+        return False
+    u = np.random.default_rng(derive_seed(attempt_seed, cid)).random()
+    return bool(u < fail_rate)
+
+
 def _run_client(client: ClientMethod, fed: Federation, cid: int, task: str, buf: bytes) -> bytes:
     payload = decode_payload(buf)
+    if task == FAIL_TASK:
+        raise InjectedFailure(f"injected failure (engine.fail_rate={client.cfg.engine.fail_rate})")
     reply = client.handle(task, payload, fed.clients[cid])
+    if reply is None:
+        raise RuntimeError("the client returned nothing")
     return encode_payload(reply)
 
 
-def _worker_task(args: tuple[int, str, bytes]) -> tuple[int, bytes, float]:
+def _guarded(
+    client: ClientMethod, fed: Federation, cid: int, task: str, buf: bytes
+) -> tuple[bytes | None, str | None]:
+    """Run a client; a failure becomes ``(None, one-line reason)`` instead of an exception."""
+    try:
+        return _run_client(client, fed, cid, task, buf), None
+    except Exception as exc:  # any client-side failure drops only that client
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _worker_task(args: tuple[int, str, bytes]) -> tuple[int, bytes | None, str | None]:
     cid, task, buf = args
     assert _W_FED is not None and _W_CLIENT is not None
-    t0 = time.perf_counter()
-    out = _run_client(_W_CLIENT, _W_FED, cid, task, buf)
-    return cid, out, time.perf_counter() - t0
+    out, reason = _guarded(_W_CLIENT, _W_FED, cid, task, buf)
+    return cid, out, reason
 
 
 class InProcessEngine:
@@ -88,11 +122,18 @@ class InProcessEngine:
         self.dense_message_bytes = self.accounting.dense_message_bytes
         self._client: ClientMethod | None = None
         self._pool: Any = None
+        self.failures: dict[int, str] = {}
         self._sampler = make_sampler(cfg)
 
     # -- transport ------------------------------------------------------------------
-    def exchange(self, task: str, payloads: Mapping[int, Payload]) -> list[ClientReply]:
-        """Encode, deliver, run and decode one message per client; count the bytes."""
+    def exchange(
+        self, task: str, payloads: Mapping[int, Payload], fail: frozenset[int] = frozenset()
+    ) -> list[ClientReply]:
+        """Encode, deliver, run and decode one message per client; count the bytes.
+
+        Clients in ``fail`` fail on purpose (failure injection); a failed client's reply
+        is missing and the reason is in ``self.failures``.
+        """
         fp16 = self.cfg.engine.fp16
         encoded: dict[int, bytes] = {}
         cache: dict[int, bytes] = {}
@@ -103,11 +144,13 @@ class InProcessEngine:
                 cache[id(p)] = buf
             encoded[cid] = buf
         self.accounting.count_down(task, (len(b) for b in encoded.values()))
-        replies_raw = self._run(task, encoded)
+        replies_raw = self._run(task, encoded, fail)
         self.accounting.count_up(task, (len(b) for b in replies_raw.values()))
         return [ClientReply(cid, decode_payload(replies_raw[cid])) for cid in sorted(replies_raw)]
 
-    def _run(self, task: str, encoded: dict[int, bytes]) -> dict[int, bytes]:
+    def _run(
+        self, task: str, encoded: dict[int, bytes], fail: frozenset[int] = frozenset()
+    ) -> dict[int, bytes]:
         if self.cfg.engine.workers > 1 and len(encoded) > 1:
             if self._pool is None:
                 ctx = mp.get_context("fork")
@@ -116,13 +159,54 @@ class InProcessEngine:
                     initializer=_init_worker,
                     initargs=(self.fed, self.client_factory),
                 )
-            results = self._pool.map(_worker_task, [(c, task, b) for c, b in encoded.items()])
-            return {cid: out for cid, out, _ in results}
-        if self._client is None:
-            self._client = self.client_factory()
-        return {
-            cid: _run_client(self._client, self.fed, cid, task, buf) for cid, buf in encoded.items()
-        }
+            jobs = [(c, FAIL_TASK if c in fail else task, b) for c, b in encoded.items()]
+            results = self._pool.map(_worker_task, jobs)
+        else:
+            if self._client is None:
+                self._client = self.client_factory()
+            client = self._client
+            results = [
+                (c, *_guarded(client, self.fed, c, FAIL_TASK if c in fail else task, b))
+                for c, b in encoded.items()
+            ]
+        out: dict[int, bytes] = {}
+        for cid, buf, reason in results:
+            if buf is None:
+                self.failures[cid] = reason or "failed"
+                log.warning("client %d dropped from the %s task: %s", cid, task, reason)
+            else:
+                out[cid] = buf
+        return out
+
+    def _train_round(
+        self, rnd: int, k: int
+    ) -> tuple[list[int], list[ClientReply], dict[int, str], int]:
+        """Sample and train; retry with a fresh sample while too few clients answer."""
+        cfg = self.cfg.federation
+        failures: dict[int, str] = {}
+        for attempt in range(1, cfg.max_retries + 2):
+            cids = sample_clients(self._sampler, self.num_clients, k)
+            self.failures = {}
+            rate = self.cfg.engine.fail_rate
+            seed = derive_seed(self.cfg.seed, rnd, attempt, 0xFA11)
+            fail = frozenset(c for c in cids if injected_failure(rate, seed, c))
+            with self.timer.phase("train"):
+                replies = self.exchange("fit", self.server.configure_fit(rnd, cids), fail)
+            failures.update(self.failures)
+            if len(replies) >= cfg.min_clients:
+                return cids, replies, failures, attempt
+            log.warning(
+                "round %d: %d of %d clients answered (federation.min_clients=%d); attempt %d",
+                rnd,
+                len(replies),
+                len(cids),
+                cfg.min_clients,
+                attempt,
+            )
+        raise RoundFailedError(
+            f"round {rnd}: fewer than federation.min_clients={cfg.min_clients} clients answered "
+            f"in {cfg.max_retries + 1} attempts; the {rnd - 1} finished rounds are saved"
+        )
 
     def close(self) -> None:
         """Stop worker processes, if any."""
@@ -145,11 +229,16 @@ class InProcessEngine:
             for rnd in range(1, cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
-                cids = sample_clients(self._sampler, self.num_clients, k)
-                with self.timer.phase("train"):
-                    replies = self.exchange("fit", self.server.configure_fit(rnd, cids))
+                cids, replies, failures, attempts = self._train_round(rnd, k)
                 with self.timer.phase("aggregate"):
                     extra = self.server.aggregate_fit(rnd, replies)
+                if failures or attempts > 1:
+                    extra = {
+                        **extra,
+                        "failed": len(failures),
+                        "failures": failures,
+                        "attempts": attempts,
+                    }
                 rec = self.accounting.record(rnd, cids, replies, extra, self.server.model)
                 rec["round_s"] = time.perf_counter() - t_round
                 rec["wall_s"] = time.perf_counter() - t_start
