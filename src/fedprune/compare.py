@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -343,13 +342,4 @@ def write_comparison(
 
 def read_comparison(path: str | Path) -> dict[str, Any]:
     """The ``comparison.json`` of a comparison directory."""
-    p = Path(path) / COMPARISON_JSON
-    if not p.is_file():
-        raise UserInputError(f"{str(p)!r} not found: is {str(path)!r} a comparison directory?")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserInputError(f"{str(p)!r} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"{str(p)!r} does not hold a JSON object")
-    return data
+    return rundir.read_json_object(Path(path) / COMPARISON_JSON, "a comparison directory")

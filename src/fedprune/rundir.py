@@ -105,18 +105,23 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """The ``summary.json`` of a finished run."""
-    path = Path(run_dir) / SUMMARY
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing or malformed file is a one-line user error
+    that says what the folder was expected to be (``what``)."""
     if not path.is_file():
-        raise UserInputError(f"{str(path)!r} not found: is {str(run_dir)!r} a finished run?")
+        raise UserInputError(f"{str(path)!r} not found: is {str(path.parent)!r} {what}?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserInputError(f"{str(path)!r} is not valid JSON") from None
     if not isinstance(data, dict):
         raise UserInputError(f"{str(path)!r} does not hold a JSON object")
     return data
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The ``summary.json`` of a finished run."""
+    return read_json_object(Path(run_dir) / SUMMARY, "a finished run")
 
 
 def load_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
