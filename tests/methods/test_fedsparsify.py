@@ -107,3 +107,33 @@ def test_sparse_payload_decodes_to_the_same_tensors() -> None:
     assert len(buf) < 0.75 * dense_bytes
     for k, v in payload.arrays.items():
         assert torch.equal(back.arrays[k], v), k
+
+
+def test_local_and_global_give_different_masks_on_the_same_non_iid_round(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Same data, same clients, same initial weights, one round: the two variants purge
+    different things (Global: magnitudes of the average; Local: majority of client purges)."""
+    from fedprune.experiment import load_federation, run_experiment
+
+    masks = {}
+    fed = None
+    for method in ("fedsparsify-global", "fedsparsify-local"):
+        cfg = load_config(
+            overrides=[
+                f"method='{method}'", f"out='{tmp_path}'", f"name='{method}'",
+                "data.partition='sort-and-deal'", "data.classes_per_client=2",
+                "data.num_clients=5", "federation.rounds=1", "pruning.final_sparsity=0.5",
+            ]
+        )
+        fed = fed or load_federation(cfg)
+        res = run_experiment(cfg, fed=fed)
+        masks[method] = {
+            n: p != 0 for n, p in res.model.named_parameters() if n.endswith("weight")
+        }
+    g, loc = masks["fedsparsify-global"], masks["fedsparsify-local"]
+    differing = sum(int((g[n] != loc[n]).sum()) for n in g)
+    total = sum(m.numel() for m in g.values())
+    assert differing > 0.01 * total, (differing, total)
+    # both still respect the schedule's target within the vote's slack
+    for m in (g, loc):
+        kept = sum(int(v.sum()) for v in m.values())
+        assert kept <= 0.75 * total
