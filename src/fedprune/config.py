@@ -161,6 +161,8 @@ class EngineConfig:
     """In-process engine: train clients in this many worker processes (1 = in the main one)."""
     fp16: bool = False
     """Send floating-point values as float16 on the wire (lossy)."""
+    tensorboard: bool = False
+    """Also log each round's metrics to ``RUN_DIR/tensorboard`` (needs tensorboard)."""
     fail_rate: float = 0.0
     """Failure injection for tests and benchmarks: each sampled client of a round fails
     (raises) with this probability, decided by a seeded draw per (round, client)."""

@@ -126,6 +126,7 @@ class PreparedRun:
     dense: dict[str, Any]
     run_dir: Path
     t0: float
+    tensorboard: Any = None
 
     def on_round(
         self, then: Callable[[dict[str, Any]], None] | None = None
@@ -134,6 +135,8 @@ class PreparedRun:
 
         def _on_round(rec: dict[str, Any]) -> None:
             rundir.append_metrics(self.run_dir, rec)
+            if self.tensorboard is not None:
+                self.tensorboard(rec)
             if then is not None:
                 then(rec)
 
@@ -168,7 +171,12 @@ def prepare_run(
         on_start(run_dir, fed)
     server = info.server(cfg, spec, model)
     factory = functools.partial(info.client, cfg, spec)
-    return PreparedRun(cfg, fed, spec, server, factory, dense, run_dir, t0)
+    run = PreparedRun(cfg, fed, spec, server, factory, dense, run_dir, t0)
+    if cfg.engine.tensorboard:
+        from fedprune.tblog import TensorBoardLogger
+
+        run.tensorboard = TensorBoardLogger(run_dir / "tensorboard")
+    return run
 
 
 def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
@@ -176,6 +184,8 @@ def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
     from fedprune.plots import plot_run  # matplotlib: imported only when plotting
 
     cfg, spec, server = run.cfg, run.spec, run.server
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     wall = time.perf_counter() - run.t0
     summary = summarize(cfg, records, run.dense, wall)
     rundir.write_json(run.run_dir / rundir.SUMMARY, summary)
