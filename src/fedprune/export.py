@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import statistics
 import tempfile
@@ -74,14 +73,7 @@ def read_architecture(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / rundir.ARCH
     if not Path(run_dir).is_dir():
         raise UserInputError(f"{str(run_dir)!r} is not a directory")
-    if not path.is_file():
-        raise UserInputError(f"{str(path)!r} not found: is {str(run_dir)!r} a finished run?")
-    try:
-        arch = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserInputError(f"{str(path)!r} is not valid JSON") from None
-    if not isinstance(arch, dict):
-        raise UserInputError(f"{str(path)!r} does not hold a JSON object")
+    arch = rundir.read_json_object(path, "a finished run")
     missing = [k for k in ("model", "input_shape", "num_classes") if k not in arch]
     if missing:
         raise UserInputError(f"{str(path)!r} lacks {', '.join(missing)}")
