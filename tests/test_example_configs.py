@@ -13,9 +13,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"
 
 def test_there_are_example_configs() -> None:
     names = {p.name for p in CONFIGS}
-    for expected in ("digits.toml", "fedsparsify-fmnist-10c-noniid.toml",
-                     "fedsparsify-fmnist-100c-iid.toml", "fedsparsify-cifar10.toml",
-                     "autoflip-mnist.toml"):
+    for expected in (
+        "digits.toml",
+        "fedsparsify-fmnist-10c-noniid.toml",
+        "fedsparsify-fmnist-100c-iid.toml",
+        "fedsparsify-cifar10.toml",
+        "autoflip-mnist.toml",
+    ):
         assert expected in names
 
 

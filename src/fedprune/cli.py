@@ -106,12 +106,33 @@ def run(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Run directory name.")] = None,
     set_: SetOpt = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the unfinished run in this run directory from its last "
+            "checkpoint (with its own config; only --workers may be given besides).",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-round lines.")] = False,
 ) -> None:
     """Run one federated experiment and write its run directory."""
     flags = {k: v for k, v in locals().items() if k in _FLAG_KEYS and v is not None}
-    cfg = _build_config(config, set_, flags)
-    from fedprune.experiment import run_experiment
+    from fedprune.experiment import resume_config, resume_experiment, run_experiment
+
+    if resume is not None:
+        extra = sorted(k for k in flags if k != "workers")
+        if config is not None or set_ or extra:
+            given = ", ".join(
+                [*(["a config file"] if config else []), *(["--set"] if set_ else [])]
+                + [f"--{k.replace('_', '-')}" for k in extra]
+            )
+            raise UserInputError(f"--resume continues a run with its own config.toml; drop {given}")
+        cfg = resume_config(resume)
+        if workers is not None:
+            cfg.engine.workers = workers
+            cfg.validate()
+    else:
+        cfg = _build_config(config, set_, flags)
 
     rounds_total = cfg.federation.rounds
     progress = Progress(
@@ -139,9 +160,24 @@ def run(
             progress.console.print(_fmt_round(rec, rounds_total), soft_wrap=True)
         progress.advance(task)
 
+    def on_resume(done: int) -> None:
+        progress.advance(task, done)
+        if not quiet:
+            console.print(
+                f"resuming after round {done} of {rounds_total}"
+                if done
+                else "no checkpoint yet: starting over from round 1",
+                soft_wrap=True,
+            )
+
     t0 = time.perf_counter()
     with progress:
-        result = run_experiment(cfg, on_round=on_round, on_start=on_start)
+        if resume is not None:
+            result = resume_experiment(
+                resume, cfg=cfg, on_round=on_round, on_start=on_start, on_resume=on_resume
+            )
+        else:
+            result = run_experiment(cfg, on_round=on_round, on_start=on_start)
     s = result.summary
     total = (s["total_bytes_up"] + s["total_bytes_down"]) / MB
     dense = (s["dense_bytes_up"] + s["dense_bytes_down"]) / MB

@@ -166,6 +166,9 @@ class EngineConfig:
     fail_rate: float = 0.0
     """Failure injection for tests and benchmarks: each sampled client of a round fails
     (raises) with this probability, decided by a seeded draw per (round, client)."""
+    checkpoint: bool = True
+    """Write ``RUN_DIR/checkpoint.safetensors`` atomically after every round (what
+    ``fedprune run --resume RUN_DIR`` continues from)."""
     threads: int = 1
     """torch threads of the main process (0 = torch's default). One thread per process is
     the fast setting on small CPU machines; use ``workers`` to occupy more cores."""

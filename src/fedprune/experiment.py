@@ -13,11 +13,20 @@ from typing import Any
 import torch
 
 from fedprune import rundir
-from fedprune.config import RunConfig
+from fedprune.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    fault_point,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedprune.config import RunConfig, load_config
 from fedprune.core.accounting import ModelStatsCounter
 from fedprune.data import build_federation, load_dataset, plot_label_distribution
 from fedprune.data.federation import Federation
+from fedprune.engines.common import CheckpointFn, Resume
 from fedprune.engines.inprocess import InProcessEngine
+from fedprune.errors import RoundFailedError, UserInputError
 from fedprune.methods.base import ClientMethod, ModelSpec, ServerMethod
 from fedprune.methods.registry import get_method
 
@@ -128,6 +137,30 @@ class PreparedRun:
     t0: float
     tensorboard: Any = None
 
+    def fingerprints(self) -> dict[str, str]:
+        """What a checkpoint must agree with to be resumed in this run: the method, the
+        ``config.toml`` text, the data partition and the initial weights."""
+        text = (self.run_dir / rundir.CONFIG).read_bytes()
+        return {
+            "method": self.cfg.method,
+            "config_sha": hashlib.sha256(text).hexdigest()[:16],
+            "partition_sha": str(self.dense["partition_sha"]),
+            "init_sha": str(self.dense["init_sha"]),
+        }
+
+    def checkpointer(self) -> CheckpointFn | None:
+        """The engine's per-round checkpoint callback (None with ``engine.checkpoint`` off)."""
+        if not self.cfg.engine.checkpoint:
+            return None
+        prints = self.fingerprints()
+
+        def _save(rnd: int, records: list[dict[str, Any]], engine: dict[str, Any]) -> None:
+            fault_point("after-metrics", rnd)
+            state = self.server.checkpoint_state()
+            save_checkpoint(self.run_dir, Checkpoint(rnd, state, engine, records, prints))
+
+        return _save
+
     def on_round(
         self, then: Callable[[dict[str, Any]], None] | None = None
     ) -> Callable[[dict[str, Any]], None]:
@@ -148,8 +181,10 @@ def prepare_run(
     *,
     fed: Federation | None = None,
     on_start: Callable[[Path, Federation], None] | None = None,
+    run_dir: Path | None = None,
 ) -> PreparedRun:
-    """Load data, build the model and the method's halves, create the run directory."""
+    """Load data, build the model and the method's halves, create the run directory
+    (or use ``run_dir``, an existing one, when resuming)."""
     t0 = time.perf_counter()
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
@@ -165,7 +200,8 @@ def prepare_run(
         "partition_sha": partition_fingerprint(fed),
         "init_sha": state_fingerprint(model.state_dict()),
     }
-    run_dir = rundir.make_run_dir(cfg)
+    if run_dir is None:
+        run_dir = rundir.make_run_dir(cfg)
     plot_label_distribution(fed, run_dir / "label_distribution.png")
     if on_start is not None:
         on_start(run_dir, fed)
@@ -204,6 +240,31 @@ def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
     return RunResult(run.run_dir, summary, records, server.model)
 
 
+def make_engine(run: PreparedRun) -> Any:
+    """The configured engine for a prepared run."""
+    if run.cfg.engine.name == "flower":
+        from fedprune.engines.flower import FlowerSimulationEngine  # optional dependency
+
+        return FlowerSimulationEngine(run.cfg, run.fed, run.server, run.client_factory)
+    return InProcessEngine(run.cfg, run.fed, run.server, run.client_factory)
+
+
+def _execute(
+    run: PreparedRun,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    resume: Resume | None = None,
+) -> RunResult:
+    engine = make_engine(run)
+    try:
+        records = engine.run(run.on_round(on_round), resume=resume, checkpoint=run.checkpointer())
+    except RoundFailedError as exc:
+        if run.cfg.engine.checkpoint:
+            hint = f"; continue with: fedprune run --resume {run.run_dir}"
+            raise RoundFailedError(f"{exc}{hint}") from None
+        raise
+    return finish_run(run, records)
+
+
 def run_experiment(
     cfg: RunConfig,
     *,
@@ -225,12 +286,93 @@ def run_experiment(
     on_start
         Called once the run directory exists and the data are loaded.
     """
-    run = prepare_run(cfg, fed=fed, on_start=on_start)
-    if cfg.engine.name == "flower":
-        from fedprune.engines.flower import FlowerSimulationEngine  # optional dependency
+    return _execute(prepare_run(cfg, fed=fed, on_start=on_start), on_round)
 
-        engine: Any = FlowerSimulationEngine(cfg, run.fed, run.server, run.client_factory)
-    else:
-        engine = InProcessEngine(cfg, run.fed, run.server, run.client_factory)
-    records = engine.run(run.on_round(on_round))
-    return finish_run(run, records)
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The configuration of the run in ``run_dir``, for resuming it.
+
+    Raises
+    ------
+    UserInputError
+        Not a run directory, or a finished run (nothing to resume).
+    """
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise UserInputError(
+            f"{str(run_dir)!r} is not a run directory (no {rundir.CONFIG}): nothing to resume"
+        )
+    if (run_dir / rundir.SUMMARY).is_file():
+        raise UserInputError(
+            f"{str(run_dir)!r} is a finished run ({rundir.SUMMARY} exists): nothing to resume"
+        )
+    return load_config(run_dir / rundir.CONFIG)
+
+
+def resume_experiment(
+    run_dir: str | Path,
+    *,
+    cfg: RunConfig | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[Path, Federation], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Continue the run in ``run_dir`` from its checkpoint; the result is the one an
+    uninterrupted run would have given (timings apart).
+
+    Without a checkpoint yet (killed in round 1) the run starts over in the same folder.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory of an unfinished run.
+    cfg
+        Its configuration (default: read with :func:`resume_config`).
+    on_round, on_start
+        As for :func:`run_experiment` (``on_round`` sees only the new rounds).
+    on_resume
+        Called with the round the checkpoint holds (0 without a checkpoint).
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint is damaged or edited, or does not fit the run directory's
+        config, data or initial weights.
+    """
+    path = Path(run_dir)
+    if cfg is None:
+        cfg = resume_config(path)
+    ckpt = load_checkpoint(path)  # damaged checkpoints are refused before loading data
+    run = prepare_run(cfg, on_start=on_start, run_dir=path)
+    resume = None
+    if ckpt is not None:
+        _check_fingerprints(path, ckpt, run.fingerprints())
+        if len(ckpt.records) != ckpt.round or ckpt.round > cfg.federation.rounds:
+            raise CheckpointError(
+                f"the checkpoint in {str(path)!r} holds {len(ckpt.records)} records for "
+                f"round {ckpt.round} of {cfg.federation.rounds}"
+            )
+        try:
+            run.server.restore_state(ckpt.server)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"the checkpoint in {str(path)!r} does not fit: {exc}") from None
+        resume = Resume(ckpt.round, ckpt.records, ckpt.engine)
+        run.t0 -= float(ckpt.records[-1].get("wall_s") or 0.0) if ckpt.records else 0.0
+    rundir.write_metrics(path, ckpt.records if ckpt is not None else [])
+    if on_resume is not None:
+        on_resume(ckpt.round if ckpt is not None else 0)
+    return _execute(run, on_round, resume)
+
+
+def _check_fingerprints(path: Path, ckpt: Checkpoint, now: dict[str, str]) -> None:
+    what = {
+        "method": "the method",
+        "config_sha": f"{rundir.CONFIG} (edited after the run started?)",
+        "partition_sha": "the data partition (different data files?)",
+        "init_sha": "the initial weights (a different model definition?)",
+    }
+    for key, label in what.items():
+        if ckpt.fingerprints.get(key) != now[key]:
+            raise CheckpointError(
+                f"cannot resume {str(path)!r}: {label} differs from the checkpoint's "
+                f"({ckpt.fingerprints.get(key)} vs {now[key]})"
+            )

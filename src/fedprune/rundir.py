@@ -5,6 +5,8 @@ Layout::
     RUN_DIR/
       config.toml        the fully resolved configuration
       metrics.jsonl      one JSON object per round (appended as rounds finish)
+      checkpoint.safetensors  the state after the last finished round (see
+                         fedprune.checkpoint; what ``fedprune run --resume`` reads)
       summary.json       totals and finals (written at the end)
       model.safetensors  final global weights (no pickle)
       architecture.json  what is needed to rebuild the model: zoo name, input shape,
@@ -72,6 +74,17 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` with ``records`` atomically (what a resume starts from)."""
+    path = run_dir / METRICS
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(_clean(r), sort_keys=False) + "\n" for r in records)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

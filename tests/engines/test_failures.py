@@ -10,7 +10,7 @@ import torch
 
 from fedprune.cli import main
 from fedprune.config import load_config
-from fedprune.engines.inprocess import injected_failure
+from fedprune.engines.common import injected_failure
 from fedprune.errors import RoundFailedError
 from fedprune.experiment import run_experiment
 

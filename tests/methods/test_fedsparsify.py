@@ -119,16 +119,19 @@ def test_local_and_global_give_different_masks_on_the_same_non_iid_round(tmp_pat
     for method in ("fedsparsify-global", "fedsparsify-local"):
         cfg = load_config(
             overrides=[
-                f"method='{method}'", f"out='{tmp_path}'", f"name='{method}'",
-                "data.partition='sort-and-deal'", "data.classes_per_client=2",
-                "data.num_clients=5", "federation.rounds=1", "pruning.final_sparsity=0.5",
+                f"method='{method}'",
+                f"out='{tmp_path}'",
+                f"name='{method}'",
+                "data.partition='sort-and-deal'",
+                "data.classes_per_client=2",
+                "data.num_clients=5",
+                "federation.rounds=1",
+                "pruning.final_sparsity=0.5",
             ]
         )
         fed = fed or load_federation(cfg)
         res = run_experiment(cfg, fed=fed)
-        masks[method] = {
-            n: p != 0 for n, p in res.model.named_parameters() if n.endswith("weight")
-        }
+        masks[method] = {n: p != 0 for n, p in res.model.named_parameters() if n.endswith("weight")}
     g, loc = masks["fedsparsify-global"], masks["fedsparsify-local"]
     differing = sum(int((g[n] != loc[n]).sum()) for n in g)
     total = sum(m.numel() for m in g.values())

@@ -8,7 +8,8 @@ tells it how many encoded bytes crossed in each direction and which replies arri
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -16,11 +17,56 @@ from torch import nn
 
 from fedprune.config import RunConfig
 from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_numel
+from fedprune.core.sampling import derive_seed
 from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
 from fedprune.methods.base import ClientReply
 
-__all__ = ["RoundAccounting", "make_sampler"]
+__all__ = [
+    "FAIL_TASK",
+    "CheckpointFn",
+    "InjectedFailure",
+    "Resume",
+    "RoundAccounting",
+    "injected_failure",
+    "injected_failures",
+    "make_sampler",
+]
+
+FAIL_TASK = "fit:injected-failure"
+"""The task a client receives instead of ``fit`` when failure injection picks it."""
+
+
+class InjectedFailure(RuntimeError):
+    """A client failure injected by ``engine.fail_rate``."""
+
+
+def injected_failure(fail_rate: float, attempt_seed: int, cid: int) -> bool:
+    """Whether client ``cid`` fails in the attempt with seed ``attempt_seed`` (seeded draw)."""
+    if fail_rate <= 0:
+        return False
+    u = np.random.default_rng(derive_seed(attempt_seed, cid)).random()
+    return bool(u < fail_rate)
+
+
+def injected_failures(cfg: RunConfig, rnd: int, attempt: int, cids: list[int]) -> frozenset[int]:
+    """The clients of ``cids`` that fail on purpose in this round's ``attempt`` (from 1);
+    the same in every engine."""
+    seed = derive_seed(cfg.seed, rnd, attempt, 0xFA11)
+    return frozenset(c for c in cids if injected_failure(cfg.engine.fail_rate, seed, c))
+
+
+CheckpointFn = Callable[[int, list[dict[str, Any]], dict[str, Any]], None]
+"""Called after each round with ``(round, records so far, engine state)``."""
+
+
+@dataclass
+class Resume:
+    """Where a resumed run continues: after ``round``, with its records and engine state."""
+
+    round: int
+    records: list[dict[str, Any]]
+    engine: dict[str, Any]
 
 
 def make_sampler(cfg: RunConfig) -> np.random.Generator:
@@ -90,6 +136,28 @@ class RoundAccounting:
         self.traffic.start_round()
         if rnd == 1:
             self.traffic.up, self.traffic.down = self._setup_up, self._setup_down
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self, sampler: np.random.Generator) -> dict[str, Any]:
+        """The engine state a checkpoint keeps: counters, phase times, the sampler's RNG."""
+        return {
+            "traffic": asdict(self.traffic),
+            "timer": dict(self.timer.seconds),
+            "setup": [self._setup_up, self._setup_down],
+            "dense_message_bytes": self.dense_message_bytes,
+            "sampler": sampler.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], sampler: np.random.Generator) -> None:
+        """Inverse of :meth:`state_dict` (in place: engines hold references)."""
+        for key, value in state["traffic"].items():
+            setattr(self.traffic, key, int(value))
+        self.timer.seconds.clear()
+        self.timer.seconds.update(state["timer"])
+        self._setup_up, self._setup_down = (int(v) for v in state["setup"])
+        # of the initial model: the server's may have shrunk since
+        self.dense_message_bytes = int(state["dense_message_bytes"])
+        sampler.bit_generator.state = state["sampler"]
 
     # -- records ----------------------------------------------------------------------
     def record(

@@ -84,8 +84,16 @@ from fedprune.config import RunConfig, config_from_dict, config_to_dict
 from fedprune.core.codec import Payload, decode_payload, encode_payload
 from fedprune.core.sampling import sample_clients
 from fedprune.data.federation import Federation
-from fedprune.engines.common import RoundAccounting, make_sampler
-from fedprune.errors import ConfigError, DecodeError, FedpruneError
+from fedprune.engines.common import (
+    FAIL_TASK,
+    CheckpointFn,
+    InjectedFailure,
+    Resume,
+    RoundAccounting,
+    injected_failures,
+    make_sampler,
+)
+from fedprune.errors import ConfigError, DecodeError, FedpruneError, RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
 __all__ = [
@@ -429,7 +437,9 @@ def make_client_app(
                 f"{PARTITION_ID}={pid} is out of range: {len(fed.clients)} clients"
             )
         task, payload, _ = decode_content(msg.content)
-        reply = client.handle(task, payload, fed.clients[pid])
+        if task == FAIL_TASK:
+            raise InjectedFailure(f"injected failure (engine.fail_rate={cfg.engine.fail_rate})")
+        reply = client.run_task(task, payload, fed.clients[pid])
         # replies are encoded as in the in-process engine (fp16 applies to downloads)
         content = _content(encode_for_flower(reply), task)
         _remember(context, pid, task, msg.metadata.group_id)
@@ -532,6 +542,11 @@ class FedpruneStrategy(Strategy):
         Called with each round's record as soon as it exists.
     options
         Timeouts.
+    resume
+        Continue after ``resume.round`` (the server half already restored).
+    checkpoint
+        Called after each round (after ``on_round``) with the round, the records and the
+        engine state.
     """
 
     def __init__(
@@ -542,6 +557,8 @@ class FedpruneStrategy(Strategy):
         *,
         on_round: RoundCallback | None = None,
         options: FlowerOptions | None = None,
+        resume: Resume | None = None,
+        checkpoint: CheckpointFn | None = None,
     ) -> None:
         self.cfg = cfg
         self.fed = fed
@@ -550,7 +567,14 @@ class FedpruneStrategy(Strategy):
         self.options = options or FlowerOptions()
         self.num_clients = len(fed.clients)
         self.accounting = RoundAccounting(cfg, fed, server.model)
-        self.records: list[dict[str, Any]] = []
+        self.resume = resume
+        self.checkpoint = checkpoint
+        self.records: list[dict[str, Any]] = list(resume.records) if resume else []
+        self._offset = len(self.records)
+        """Rounds finished before this process started (Flower counts from 1 again)."""
+        self._wall0 = float(self.records[-1].get("wall_s") or 0.0) if self.records else 0.0
+        self.error: RoundFailedError | None = None
+        """Set when a round failed for want of clients (the run stopped cleanly)."""
         self.node_of: dict[int, int] = {}
         """Client id -> SuperNode id."""
         self._cid_of: dict[int, int] = {}
@@ -578,36 +602,87 @@ class FedpruneStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample this round's clients and build one message per client."""
+        rnd = server_round + self._offset
         self._t_round = time.perf_counter()
-        self.accounting.begin_round(server_round)
-        self._cids = sample_clients(self._sampler, self.num_clients, self.cfg.clients_per_round())
+        self.accounting.begin_round(rnd)
         self._t_train = time.perf_counter()
-        payloads = self.server.configure_fit(server_round, self._cids)
-        return self._messages("fit", payloads, str(server_round))
+        return self._fit_messages(rnd, 1)
+
+    def _fit_messages(self, rnd: int, attempt: int) -> list[Message]:
+        """Sample the clients of this attempt and build their messages (some set to
+        fail on purpose by ``engine.fail_rate``)."""
+        self._cids = sample_clients(self._sampler, self.num_clients, self.cfg.clients_per_round())
+        fail = injected_failures(self.cfg, rnd, attempt, self._cids)
+        payloads = self.server.configure_fit(rnd, self._cids)
+        return self._messages("fit", payloads, f"{rnd}.{attempt}", fail)
+
+    def _retry_until_enough(
+        self, rnd: int, decoded: list[ClientReply]
+    ) -> tuple[list[ClientReply], dict[int, str], int]:
+        """Resample while fewer than ``federation.min_clients`` replies are usable.
+
+        Raises
+        ------
+        RoundFailedError
+            Still too few after ``federation.max_retries`` retries.
+        """
+        fed_cfg = self.cfg.federation
+        drops = dict(self._drops)
+        attempt = 1
+        while len(decoded) < fed_cfg.min_clients:
+            if attempt > fed_cfg.max_retries or self._grid is None:
+                raise RoundFailedError(
+                    f"round {rnd}: fewer than federation.min_clients={fed_cfg.min_clients} "
+                    f"clients answered in {attempt} attempts; the {rnd - 1} finished rounds "
+                    "are saved"
+                )
+            _LOG.warning(
+                "fedprune round %d: %d of %d clients answered (federation.min_clients=%d); "
+                "attempt %d",
+                rnd,
+                len(decoded),
+                len(self._cids),
+                fed_cfg.min_clients,
+                attempt,
+            )
+            attempt += 1
+            messages = self._fit_messages(rnd, attempt)
+            replies = self._grid.send_and_receive(messages, timeout=self.options.round_timeout)
+            decoded = self._decode_replies("fit", replies, self._cids)
+            drops.update(self._drops)
+        return decoded, drops, attempt
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode the replies, let the server half aggregate, record the round."""
+        rnd = server_round + self._offset
         acct = self.accounting
         decoded = self._decode_replies("fit", replies, self._cids)
+        decoded, drops, attempts = self._retry_until_enough(rnd, decoded)
         acct.timer.seconds["train"] = (
             acct.timer.seconds.get("train", 0.0) + time.perf_counter() - self._t_train
         )
         with acct.timer.phase("aggregate"):
-            extra = self.server.aggregate_fit(server_round, decoded)
-        if self._drops:
-            extra = {**extra, "dropped": len(self._drops), "drops": dict(self._drops)}
-        rec = acct.record(server_round, self._cids, decoded, extra, self.server.model)
+            extra = self.server.aggregate_fit(rnd, decoded)
+        if drops:
+            extra = {**extra, "dropped": len(drops), "drops": drops}
+        if attempts > 1:
+            extra["attempts"] = attempts
+        rec = acct.record(rnd, self._cids, decoded, extra, self.server.model)
         now = time.perf_counter()
         rec["round_s"] = now - self._t_round
-        rec["wall_s"] = now - self._t_start
+        rec["wall_s"] = self._wall0 + now - self._t_start
         self.records.append(rec)
         if self.on_round is not None:
             self.on_round(rec)
+        if self.checkpoint is not None:
+            state = acct.state_dict(self._sampler)
+            with acct.timer.phase("checkpoint"):
+                self.checkpoint(rnd, self.records, state)
         _LOG.info(
             "fedprune round %d: accuracy %s, sparsity %.3f, %d B up, %d B down",
-            server_round,
+            rnd,
             rec.get("test_accuracy"),
             rec["sparsity"],
             rec["bytes_up"],
@@ -644,15 +719,22 @@ class FedpruneStrategy(Strategy):
         self._t_start = time.perf_counter()
         try:
             self.discover(grid)
-            with self.accounting.timer.phase("setup"):
-                self.server.setup(self)
-            self.accounting.end_setup()
-            self.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(),
-                num_rounds=self.cfg.federation.rounds,
-                timeout=self.options.round_timeout,
-            )
+            if self.resume is not None:
+                self.accounting.load_state_dict(self.resume.engine, self._sampler)
+            else:
+                with self.accounting.timer.phase("setup"):
+                    self.server.setup(self)
+                self.accounting.end_setup()
+            remaining = self.cfg.federation.rounds - self._offset
+            if remaining > 0:
+                self.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(),
+                    num_rounds=remaining,
+                    timeout=self.options.round_timeout,
+                )
+        except RoundFailedError as exc:  # stopped cleanly: the caller re-raises
+            self.error = exc
         finally:
             self._grid = None
         return self.records
@@ -725,7 +807,14 @@ class FedpruneStrategy(Strategy):
         return node_of
 
     # -- helpers ----------------------------------------------------------------------
-    def _messages(self, task: str, payloads: Mapping[int, Payload], group: str) -> list[Message]:
+    def _messages(
+        self,
+        task: str,
+        payloads: Mapping[int, Payload],
+        group: str,
+        fail: frozenset[int] = frozenset(),
+    ) -> list[Message]:
+        """One message per client (clients in ``fail`` get :data:`FAIL_TASK`)."""
         fp16 = self.cfg.engine.fp16
         cache: dict[int, EncodedPayload] = {}
         messages: list[Message] = []
@@ -738,7 +827,7 @@ class FedpruneStrategy(Strategy):
                 raise FlowerEngineError(f"client {cid} has no SuperNode")
             messages.append(
                 Message(
-                    _content(enc, task),
+                    _content(enc, FAIL_TASK if cid in fail else task),
                     dst_node_id=self.node_of[cid],
                     message_type=MessageType.TRAIN,
                     group_id=group,
@@ -847,13 +936,26 @@ class FlowerSimulationEngine:
     options: FlowerOptions = field(default_factory=FlowerOptions)
     num_cpus: int = 2
 
-    def run(self, on_round: RoundCallback | None = None) -> list[dict[str, Any]]:
-        """Run setup and every round on Flower; return one metrics record per round."""
+    def run(
+        self,
+        on_round: RoundCallback | None = None,
+        *,
+        resume: Resume | None = None,
+        checkpoint: CheckpointFn | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run setup and every round on Flower; return one metrics record per round
+        (``resume`` and ``checkpoint`` as for the in-process engine)."""
         _set_flower_env()
         from flwr.simulation import run_simulation
 
         strategy = FedpruneStrategy(
-            self.cfg, self.fed, self.server, on_round=on_round, options=self.options
+            self.cfg,
+            self.fed,
+            self.server,
+            on_round=on_round,
+            options=self.options,
+            resume=resume,
+            checkpoint=checkpoint,
         )
         server_app = ServerApp()
 
@@ -878,6 +980,8 @@ class FlowerSimulationEngine:
         finally:
             flwr_logger.setLevel(level)
             _shutdown_ray()
+        if strategy.error is not None:
+            raise strategy.error
         if len(strategy.records) != self.cfg.federation.rounds:
             raise FlowerEngineError(
                 f"Flower simulation ended after {len(strategy.records)} of "

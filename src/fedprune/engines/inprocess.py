@@ -18,14 +18,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedprune.config import RunConfig
 from fedprune.core.codec import Payload, decode_payload, encode_payload
-from fedprune.core.sampling import derive_seed, sample_clients
+from fedprune.core.sampling import sample_clients
 from fedprune.data.federation import Federation
-from fedprune.engines.common import RoundAccounting, make_sampler
+from fedprune.engines.common import (
+    FAIL_TASK,
+    CheckpointFn,
+    InjectedFailure,
+    Resume,
+    RoundAccounting,
+    injected_failures,
+    make_sampler,
+)
 from fedprune.errors import RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
@@ -45,26 +52,11 @@ def _init_worker(fed: Federation, factory: Callable[[], ClientMethod]) -> None:
     _W_CLIENT = factory()
 
 
-FAIL_TASK = "fit:injected-failure"
-
-
-class InjectedFailure(RuntimeError):
-    """A client failure injected by ``engine.fail_rate``."""
-
-
-def injected_failure(fail_rate: float, attempt_seed: int, cid: int) -> bool:
-    """Whether client ``cid`` fails in the attempt with seed ``attempt_seed`` (seeded draw)."""
-    if fail_rate <= 0:
-        return False
-    u = np.random.default_rng(derive_seed(attempt_seed, cid)).random()
-    return bool(u < fail_rate)
-
-
 def _run_client(client: ClientMethod, fed: Federation, cid: int, task: str, buf: bytes) -> bytes:
     payload = decode_payload(buf)
     if task == FAIL_TASK:
         raise InjectedFailure(f"injected failure (engine.fail_rate={client.cfg.engine.fail_rate})")
-    reply = client.handle(task, payload, fed.clients[cid])
+    reply = client.run_task(task, payload, fed.clients[cid])
     if reply is None:
         raise RuntimeError("the client returned nothing")
     return encode_payload(reply)
@@ -116,10 +108,7 @@ class InProcessEngine:
         self.client_factory = client_factory
         self.num_clients = len(fed.clients)
         self.accounting = RoundAccounting(cfg, fed, server.model)
-        self.traffic = self.accounting.traffic
         self.timer = self.accounting.timer
-        self.stats = self.accounting.stats
-        self.dense_message_bytes = self.accounting.dense_message_bytes
         self._client: ClientMethod | None = None
         self._pool: Any = None
         self.failures: dict[int, str] = {}
@@ -187,9 +176,7 @@ class InProcessEngine:
         for attempt in range(1, cfg.max_retries + 2):
             cids = sample_clients(self._sampler, self.num_clients, k)
             self.failures = {}
-            rate = self.cfg.engine.fail_rate
-            seed = derive_seed(self.cfg.seed, rnd, attempt, 0xFA11)
-            fail = frozenset(c for c in cids if injected_failure(rate, seed, c))
+            fail = injected_failures(self.cfg, rnd, attempt, cids)
             with self.timer.phase("train"):
                 replies = self.exchange("fit", self.server.configure_fit(rnd, cids), fail)
             failures.update(self.failures)
@@ -216,17 +203,38 @@ class InProcessEngine:
             self._pool = None
 
     # -- the loop -------------------------------------------------------------------
-    def run(self, on_round: RoundCallback | None = None) -> list[dict[str, Any]]:
-        """Run setup and every round; return one metrics record per round."""
+    def run(
+        self,
+        on_round: RoundCallback | None = None,
+        *,
+        resume: Resume | None = None,
+        checkpoint: CheckpointFn | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run setup and every round; return one metrics record per round.
+
+        Parameters
+        ----------
+        on_round
+            Called with each round's record as soon as it exists.
+        resume
+            Continue after ``resume.round`` (the server half already restored): setup is
+            skipped and the sampler, counters and records are those of the checkpoint.
+        checkpoint
+            Called after ``on_round`` with the round, the records and the engine state.
+        """
         cfg = self.cfg
-        records: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = list(resume.records) if resume else []
+        wall0 = float(records[-1].get("wall_s") or 0.0) if records else 0.0
         t_start = time.perf_counter()
         try:
-            with self.timer.phase("setup"):
-                self.server.setup(self)
-            self.accounting.end_setup()  # setup traffic is charged to round 1
+            if resume is not None:
+                self.accounting.load_state_dict(resume.engine, self._sampler)
+            else:
+                with self.timer.phase("setup"):
+                    self.server.setup(self)
+                self.accounting.end_setup()  # setup traffic is charged to round 1
             k = cfg.clients_per_round()
-            for rnd in range(1, cfg.federation.rounds + 1):
+            for rnd in range(len(records) + 1, cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
                 cids, replies, failures, attempts = self._train_round(rnd, k)
@@ -241,10 +249,14 @@ class InProcessEngine:
                     }
                 rec = self.accounting.record(rnd, cids, replies, extra, self.server.model)
                 rec["round_s"] = time.perf_counter() - t_round
-                rec["wall_s"] = time.perf_counter() - t_start
+                rec["wall_s"] = wall0 + time.perf_counter() - t_start
                 records.append(rec)
                 if on_round is not None:
                     on_round(rec)
+                if checkpoint is not None:
+                    state = self.accounting.state_dict(self._sampler)
+                    with self.timer.phase("checkpoint"):
+                        checkpoint(rnd, records, state)
         finally:
             self.close()
         return records

@@ -176,6 +176,15 @@ class AutoFlipServer(ServerMethod):
 
     name = "autoflip"
     mask_mode: ClassVar[str] = "explicit"
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = (
+        "guidance",
+        "explorers",
+        "exploration",
+        "explore_rejections",
+        "unit_totals",
+        "removed_units",
+        "_pending",
+    )
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
         super().__init__(cfg, spec, model)
@@ -320,7 +329,7 @@ class AutoFlipServer(ServerMethod):
         """
         key = structured.history_key(self.history)
         if self._index_key != key:
-            holder = self.spec.build().double()
+            holder = self.spec.build(seed=0).double()
             with torch.no_grad():
                 for p in holder.parameters():
                     p.copy_(torch.arange(p.numel(), dtype=torch.float64).view_as(p))

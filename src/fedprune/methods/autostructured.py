@@ -52,7 +52,7 @@ rejected, absent when none was made), ``proposal_params``, ``patience``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -116,6 +116,7 @@ class AutoStructuredServer(ServerMethod):
     """FedAvg, then the band rule + physical shrink, accepted only if it saves parameters."""
 
     name = "autostructured"
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = ("patience", "active", "accepted_rounds")
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
         super().__init__(cfg, spec, model)

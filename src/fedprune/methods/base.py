@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from fedprune.data.federation import ClientData
 
 MASK_PREFIX = "mask/"
+_GLOBAL_RNG_STREAM = 0x6D0B
+"""Seed stream of torch's global RNG inside a client task (see ClientMethod.run_task)."""
 
 
 @dataclass(frozen=True)
@@ -253,14 +255,59 @@ class ServerMethod:
         """Hook after the new global model is set (server-side pruning goes here)."""
         return {}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state to checkpoint besides the model (momentum, masks)."""
-        out: dict[str, torch.Tensor] = {}
+    # -- checkpoints -------------------------------------------------------------------
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = ("masks", "history")
+    """Attributes saved in checkpoints besides the model and the momentum. Each class
+    lists only its own; :meth:`checkpoint_state` collects them along the class hierarchy.
+    Values must be state trees (see :mod:`fedprune.checkpoint`): ``None``, numbers,
+    strings, tensors, and lists, tuples and dicts of those. Everything else a server half
+    holds must follow from the config (schedules, scopes) or be a cache."""
+
+    def _checkpoint_names(self) -> list[str]:
+        names: list[str] = []
+        for cls in reversed(type(self).__mro__):
+            for name in vars(cls).get("checkpoint_attrs", ()):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The state that, restored into a freshly built server half, continues the run."""
+        state: dict[str, Any] = {"model": state_of(self.model)}
         if self.momentum is not None:
-            out.update({"momentum/" + k: v for k, v in self.momentum.state_dict().items()})
-        if self.masks is not None:
-            out.update({MASK_PREFIX + k: v for k, v in self.masks.items()})
-        return out
+            state["momentum"] = self.momentum.state_dict()
+        for name in self._checkpoint_names():
+            state[name] = getattr(self, name)
+        return state
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state` on a server half built from the same config.
+
+        A non-empty structured-pruning history is replayed on the initial architecture
+        before the weights are loaded, exactly as clients rebuild the model.
+
+        Raises
+        ------
+        ValueError
+            An attribute is missing, or the weights do not fit the architecture.
+        """
+        missing = [n for n in ("model", *self._checkpoint_names()) if n not in state]
+        if missing:
+            raise ValueError(f"the saved server state lacks {', '.join(missing)}")
+        for name in self._checkpoint_names():
+            setattr(self, name, state[name])
+        if self.history:
+            from fedprune.core.structured import example_input, replay
+
+            example = example_input(self.spec.input_shape)
+            self.model = replay(self.spec.build(seed=0), self.history, example)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = (str(exc).splitlines()[1:2] or [str(exc)])[0].strip()
+            raise ValueError(f"the saved weights do not fit the model: {first}") from None
+        if self.momentum is not None:
+            self.momentum.load_state_dict(state.get("momentum", {}))
 
 
 class ClientMethod:
@@ -296,13 +343,13 @@ class ClientMethod:
 
             key = history_key(arch)
         if self._model is None or key != self._arch_key:
+            # seeded: building must not consume the global random state that dropout
+            # draws from (a fresh client, e.g. after a resume, must train like a warm one)
+            model = self.spec.build(seed=0)
             if arch:
                 from fedprune.core.structured import example_input, replay
 
-                # seeded: a rebuild must not consume the global random state (dropout)
-                model = replay(self.spec.build(seed=0), arch, example_input(self.spec.input_shape))
-            else:
-                model = self.spec.build()
+                model = replay(model, arch, example_input(self.spec.input_shape))
             self._model, self._arch_key = model, key
         model = self._model
         weights = {k: v for k, v in payload.arrays.items() if not k.startswith(MASK_PREFIX)}
@@ -334,6 +381,19 @@ class ClientMethod:
             momentum=t.momentum,
             weight_decay=t.weight_decay,
         )
+
+    def run_task(self, task: str, payload: Payload, data: ClientData) -> Payload:
+        """What engines call: :meth:`handle` with torch's global RNG seeded for this
+        (round seed, client) and restored afterwards.
+
+        Batch order has its own generator; the global RNG drives what models draw
+        themselves (dropout). Seeding it per task makes that independent of which process
+        runs the client, of the tasks it ran before, and of a resume.
+        """
+        seed = derive_seed(config_int(payload.config, "seed", 0), data.cid, _GLOBAL_RNG_STREAM)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.handle(task, payload, data)
 
     def handle(self, task: str, payload: Payload, data: ClientData) -> Payload:
         """Dispatch a task received from the server."""

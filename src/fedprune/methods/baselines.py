@@ -456,6 +456,7 @@ class PruneFLServer(BaselineServer):
 
     name = "prunefl"
     mask_mode = "explicit"
+    checkpoint_attrs: ClassVar[tuple[str, ...]] = ("density",)
     prune_rate: ClassVar[float] = 0.3
     """``p`` of the density schedule ``1 - p * 0.5 ** (r / R)`` (the authors' port)."""
     init_iterations: ClassVar[int] = 5
