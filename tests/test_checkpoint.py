@@ -310,7 +310,7 @@ def test_an_edited_config_is_refused(crashed: Path, capsys: pytest.CaptureFixtur
     cfg = crashed / "config.toml"
     cfg.write_text(cfg.read_text().replace("lr = 0.1", "lr = 0.2"))
     err = _refused(capsys, "--resume", str(crashed))
-    assert "config.toml" in err and "differs" in err
+    assert "config.toml was edited" in err
 
 
 def test_resume_refuses_other_options_finished_runs_and_non_runs(

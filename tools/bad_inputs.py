@@ -86,6 +86,51 @@ def _not_a_run(tmp: Path) -> None:
     (tmp / "notarun").mkdir(exist_ok=True)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(tmp: Path) -> None:
+    """A 3-round run stopped after round 2's record (its checkpoint holds round 1)."""
+    from fedprune.config import load_config
+    from fedprune.experiment import run_experiment
+
+    def stop(rec: dict[str, object]) -> None:
+        if rec["round"] == 2:
+            raise _Stop
+
+    cfg = load_config(overrides=[f"out='{tmp}'", "name='stopped'", "federation.rounds=3"])
+    with contextlib.suppress(_Stop), contextlib.redirect_stdout(io.StringIO()):
+        run_experiment(cfg, on_round=stop)
+
+
+def _finished(tmp: Path) -> None:
+    from fedprune.config import load_config
+    from fedprune.experiment import run_experiment
+
+    run_experiment(load_config(overrides=[f"out='{tmp}'", "name='done'", "federation.rounds=1"]))
+
+
+def _flipped_checkpoint(tmp: Path) -> None:
+    _interrupted(tmp)
+    path = tmp / "stopped" / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncated_checkpoint(tmp: Path) -> None:
+    _interrupted(tmp)
+    path = tmp / "stopped" / "checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:64])
+
+
+def _edited_config(tmp: Path) -> None:
+    _interrupted(tmp)
+    path = tmp / "stopped" / "config.toml"
+    path.write_text(path.read_text().replace("seed = 0", "seed = 1"))
+
+
 CASES: list[Case] = [
     Case("misspelt key (`--set`)", ["run", "--set", "pruning.final_sparsty=0.9"]),
     Case("misspelt table in a config file", ["run", "{tmp}/table.toml"], _misspelt_table),
@@ -162,6 +207,22 @@ CASES: list[Case] = [
         ["run", "--dataset", "femnist", "--data-dir", "{tmp}"],
         _empty_npz,
     ),
+    Case("resume: not a run directory", ["run", "--resume", "{tmp}/notarun"], _not_a_run),
+    Case("resume: a finished run", ["run", "--resume", "{tmp}/done"], _finished),
+    Case(
+        "resume with other options",
+        ["run", "--resume", "{tmp}/stopped", "--rounds", "5"],
+        _interrupted,
+    ),
+    Case(
+        "resume: checkpoint edited (one bit flipped)",
+        ["run", "--resume", "{tmp}/stopped"],
+        _flipped_checkpoint,
+    ),
+    Case(
+        "resume: checkpoint truncated", ["run", "--resume", "{tmp}/stopped"], _truncated_checkpoint
+    ),
+    Case("resume: config.toml edited", ["run", "--resume", "{tmp}/stopped"], _edited_config),
     Case("not a number for a flag", ["run", "--rounds", "many"]),
     Case("unknown flag", ["run", "--roundz", "3"]),
 ]
@@ -186,7 +247,7 @@ def run_case(case: Case, tmp: Path) -> Outcome:
         case.prepare(tmp)
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if argv[0] == "run":
-        argv += ["--out", str(tmp / "runs"), "--quiet"]
+        argv += ["--quiet"] if "--resume" in argv else ["--out", str(tmp / "runs"), "--quiet"]
     old = {k: os.environ.get(k) for k in case.env}
     os.environ.update(case.env)
     err = io.StringIO()

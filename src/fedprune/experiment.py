@@ -308,6 +308,48 @@ def resume_config(run_dir: Path) -> RunConfig:
     return load_config(run_dir / rundir.CONFIG)
 
 
+def prepare_resume(
+    run_dir: Path,
+    cfg: RunConfig | None = None,
+    *,
+    on_start: Callable[[Path, Federation], None] | None = None,
+) -> tuple[PreparedRun, Resume | None]:
+    """Rebuild the run in ``run_dir`` and restore its checkpoint into the server half.
+
+    Returns the prepared run and where its engine continues (None without a checkpoint:
+    the run starts over in the same folder). ``metrics.jsonl`` is rewritten to hold
+    exactly the checkpoint's rounds.
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint is damaged or edited, or does not fit the run directory's
+        config, data or initial weights.
+    """
+    if cfg is None:
+        cfg = resume_config(run_dir)
+    ckpt = load_checkpoint(run_dir)  # damaged checkpoints are refused before loading data
+    run = prepare_run(cfg, on_start=on_start, run_dir=run_dir)
+    resume = None
+    if ckpt is not None:
+        _check_fingerprints(run_dir, ckpt, run.fingerprints())
+        if len(ckpt.records) != ckpt.round or ckpt.round > cfg.federation.rounds:
+            raise CheckpointError(
+                f"the checkpoint in {str(run_dir)!r} holds {len(ckpt.records)} records for "
+                f"round {ckpt.round} of {cfg.federation.rounds}"
+            )
+        try:
+            run.server.restore_state(ckpt.server)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint in {str(run_dir)!r} does not fit: {exc}"
+            ) from None
+        resume = Resume(ckpt.round, ckpt.records, ckpt.engine)
+        run.t0 -= float(ckpt.records[-1].get("wall_s") or 0.0) if ckpt.records else 0.0
+    rundir.write_metrics(run_dir, ckpt.records if ckpt is not None else [])
+    return run, resume
+
+
 def resume_experiment(
     run_dir: str | Path,
     *,
@@ -335,44 +377,21 @@ def resume_experiment(
     Raises
     ------
     CheckpointError
-        The checkpoint is damaged or edited, or does not fit the run directory's
-        config, data or initial weights.
+        See :func:`prepare_resume`.
     """
-    path = Path(run_dir)
-    if cfg is None:
-        cfg = resume_config(path)
-    ckpt = load_checkpoint(path)  # damaged checkpoints are refused before loading data
-    run = prepare_run(cfg, on_start=on_start, run_dir=path)
-    resume = None
-    if ckpt is not None:
-        _check_fingerprints(path, ckpt, run.fingerprints())
-        if len(ckpt.records) != ckpt.round or ckpt.round > cfg.federation.rounds:
-            raise CheckpointError(
-                f"the checkpoint in {str(path)!r} holds {len(ckpt.records)} records for "
-                f"round {ckpt.round} of {cfg.federation.rounds}"
-            )
-        try:
-            run.server.restore_state(ckpt.server)
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"the checkpoint in {str(path)!r} does not fit: {exc}") from None
-        resume = Resume(ckpt.round, ckpt.records, ckpt.engine)
-        run.t0 -= float(ckpt.records[-1].get("wall_s") or 0.0) if ckpt.records else 0.0
-    rundir.write_metrics(path, ckpt.records if ckpt is not None else [])
+    run, resume = prepare_resume(Path(run_dir), cfg, on_start=on_start)
     if on_resume is not None:
-        on_resume(ckpt.round if ckpt is not None else 0)
+        on_resume(resume.round if resume is not None else 0)
     return _execute(run, on_round, resume)
 
 
 def _check_fingerprints(path: Path, ckpt: Checkpoint, now: dict[str, str]) -> None:
-    what = {
-        "method": "the method",
-        "config_sha": f"{rundir.CONFIG} (edited after the run started?)",
-        "partition_sha": "the data partition (different data files?)",
-        "init_sha": "the initial weights (a different model definition?)",
+    problems = {
+        "method": "the method differs from the checkpoint's",
+        "config_sha": f"{rundir.CONFIG} was edited after the checkpoint was written",
+        "partition_sha": "the data partition differs from the checkpoint's (other data files?)",
+        "init_sha": "the initial weights differ from the checkpoint's (another model version?)",
     }
-    for key, label in what.items():
+    for key, problem in problems.items():
         if ckpt.fingerprints.get(key) != now[key]:
-            raise CheckpointError(
-                f"cannot resume {str(path)!r}: {label} differs from the checkpoint's "
-                f"({ckpt.fingerprints.get(key)} vs {now[key]})"
-            )
+            raise CheckpointError(f"cannot resume {str(path)!r}: {problem}")

@@ -32,9 +32,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import rundir
+from fedprune.checkpoint import load_checkpoint
 from fedprune.config import RunConfig, load_config
 from fedprune.core.codec import Payload, encode_arrays, encode_payload
 from fedprune.core.masks import weight_sparsity
+from fedprune.engines.common import Resume
 from fedprune.engines.flower import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -49,7 +51,7 @@ from fedprune.engines.flower import (
     run_config_defaults,
     run_config_from_config,
 )
-from fedprune.errors import ConfigError, DecodeError
+from fedprune.errors import ConfigError, DecodeError, RoundFailedError
 from fedprune.experiment import (
     RunResult,
     load_federation,
@@ -258,7 +260,11 @@ def test_strategy_on_memory_grid_matches_the_inprocess_engine(tmp_path: Path) ->
     run = prepare_run(cfg)
     seen: list[int] = []
     strategy = FedpruneStrategy(
-        cfg, run.fed, run.server, on_round=lambda r: seen.append(r["round"])
+        cfg,
+        run.fed,
+        run.server,
+        on_round=lambda r: seen.append(r["round"]),
+        checkpoint=run.checkpointer(),
     )
     grid = MemoryGrid(make_client_app(cfg), 4)
     records = strategy.run(grid)
@@ -291,13 +297,89 @@ def test_undecodable_reply_is_dropped_with_a_logged_reason(
         records = strategy.run(grid)
     for rec in records:
         if 1 in rec["sampled"]:
-            assert rec["dropped"] == 1 and "undecodable" in rec["drops"][1]
+            assert rec["failed"] == 1 and "undecodable" in rec["failures"][1]
             assert rec["clients"] == len(rec["sampled"]) - 1
         else:  # pragma: no cover - depends on the seed's draw
-            assert "dropped" not in rec
-    assert any("dropped" in rec for rec in records)
+            assert "failed" not in rec
+    assert any("failed" in rec for rec in records)
     assert any("dropping the reply of client 1" in r.getMessage() for r in caplog.records)
     assert records[-1]["test_accuracy"] is not None
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_injected_failures_match_the_inprocess_engine(tmp_path: Path) -> None:
+    """``engine.fail_rate`` fails the same clients as in-process, as error replies that
+    the strategy drops with their reason; the rounds complete."""
+    extra = ("engine.fail_rate=0.3", "federation.rounds=4", "data.num_clients=6")
+    ref = run_experiment(_cfg(tmp_path, *extra, "name='ref'"))
+    cfg = _cfg(tmp_path, "engine.name=flower", *extra)
+    run = prepare_run(cfg)
+    records = FedpruneStrategy(cfg, run.fed, run.server).run(MemoryGrid(make_client_app(cfg), 6))
+    assert sum(r.get("failed", 0) for r in records) > 0
+    for a, b in zip(ref.records, records, strict=True):
+        assert a.get("failed") == b.get("failed") and a["clients"] == b["clients"]
+        assert set(a.get("failures", {})) == set(b.get("failures", {}))
+        assert all("InjectedFailure" in why for why in b.get("failures", {}).values())
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_too_few_replies_retry_then_stop_cleanly_on_flower(tmp_path: Path) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "engine.name=flower",
+        "engine.fail_rate=0.9",
+        "federation.min_clients=3",
+        "federation.max_retries=1",
+    )
+    run = prepare_run(cfg)
+    strategy = FedpruneStrategy(cfg, run.fed, run.server)
+    grid = MemoryGrid(make_client_app(cfg), 4)
+    with pytest.raises(RoundFailedError, match=r"in 2 attempts"):
+        strategy.run(grid)
+    groups = {m.metadata.group_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert groups == {"1.1", "1.2"}  # round 1, attempts 1 and 2
+    assert strategy.records == []
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flower_strategy_resumes_from_a_checkpoint(tmp_path: Path) -> None:
+    """Crash after round 2's record, resume on Flower: the end equals an uninterrupted
+    in-process run (the checkpoint is engine-independent)."""
+    extra = ("federation.rounds=4", "federation.aggregation=fedavgm")
+    ref = run_experiment(_cfg(tmp_path, *extra, "name='ref'"))
+    cfg = _cfg(tmp_path, "engine.name=flower", *extra, "name='flwr'")
+    run = prepare_run(cfg)
+
+    def crash(rec: dict[str, Any]) -> None:
+        run.on_round()(rec)
+        if rec["round"] == 2:
+            raise KeyboardInterrupt
+
+    strategy = FedpruneStrategy(
+        cfg, run.fed, run.server, on_round=crash, checkpoint=run.checkpointer()
+    )
+    with pytest.raises(KeyboardInterrupt):
+        strategy.run(MemoryGrid(make_client_app(cfg), 4))
+    resumed = prepare_run(cfg, run_dir=run.run_dir)
+    ckpt = load_checkpoint(run.run_dir)
+    assert ckpt is not None and ckpt.round == 1
+    resumed.server.restore_state(ckpt.server)
+    strategy = FedpruneStrategy(
+        cfg,
+        resumed.fed,
+        resumed.server,
+        resume=Resume(ckpt.round, ckpt.records, ckpt.engine),
+        checkpoint=resumed.checkpointer(),
+    )
+    records = strategy.run(MemoryGrid(make_client_app(cfg), 4))
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    for a, b in zip(ref.records, records, strict=True):
+        for key in ("sampled", "clients", "bytes_up", "bytes_down", "cum_bytes_up"):
+            assert a[key] == b[key], key
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, resumed.server.model.state_dict()[k], atol=1e-6), k
 
 
 @pytest.mark.usefixtures("task_identity")

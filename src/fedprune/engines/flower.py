@@ -63,6 +63,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -263,6 +264,9 @@ class FlowerOptions:
     """Seconds to wait for all SuperNodes to connect before round 1."""
     poll_interval: float = 0.5
     """Seconds between two pulls for replies (Flower's deployment grid waits 3 s)."""
+    resume: str = ""
+    """ServerApp: continue the unfinished run in this run directory (a path on the
+    ServerApp's machine) from its checkpoint, with its own ``config.toml``."""
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -285,7 +289,9 @@ def run_config_defaults() -> dict[str, bool | int | float | str]:
     out = run_config_from_config(RunConfig())
     out["engine.name"] = "flower"
     for f in fields(FlowerOptions):
-        out[_FLOWER_PREFIX + f.name.replace("_", "-")] = float(f.default)  # type: ignore[arg-type]
+        default = f.default
+        key = _FLOWER_PREFIX + f.name.replace("_", "-")
+        out[key] = default if isinstance(default, str) else float(default)  # type: ignore[arg-type]
     return out
 
 
@@ -308,6 +314,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
             name = key[len(_FLOWER_PREFIX) :].replace("-", "_")
             if name not in known:
                 raise ConfigError(f"unknown Flower run-config key {key!r}")
+            if name == "resume":
+                if not isinstance(value, str):
+                    raise ConfigError(f"{key} must be a run directory path, got {value!r}")
+                options.resume = value
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
             setattr(options, name, float(value))
@@ -573,8 +584,6 @@ class FedpruneStrategy(Strategy):
         self._offset = len(self.records)
         """Rounds finished before this process started (Flower counts from 1 again)."""
         self._wall0 = float(self.records[-1].get("wall_s") or 0.0) if self.records else 0.0
-        self.error: RoundFailedError | None = None
-        """Set when a round failed for want of clients (the run stopped cleanly)."""
         self.node_of: dict[int, int] = {}
         """Client id -> SuperNode id."""
         self._cid_of: dict[int, int] = {}
@@ -665,10 +674,8 @@ class FedpruneStrategy(Strategy):
         )
         with acct.timer.phase("aggregate"):
             extra = self.server.aggregate_fit(rnd, decoded)
-        if drops:
-            extra = {**extra, "dropped": len(drops), "drops": drops}
-        if attempts > 1:
-            extra["attempts"] = attempts
+        if drops or attempts > 1:  # the in-process engine's keys
+            extra = {**extra, "failed": len(drops), "failures": drops, "attempts": attempts}
         rec = acct.record(rnd, self._cids, decoded, extra, self.server.model)
         now = time.perf_counter()
         rec["round_s"] = now - self._t_round
@@ -733,8 +740,6 @@ class FedpruneStrategy(Strategy):
                     num_rounds=remaining,
                     timeout=self.options.round_timeout,
                 )
-        except RoundFailedError as exc:  # stopped cleanly: the caller re-raises
-            self.error = exc
         finally:
             self._grid = None
         return self.records
@@ -883,12 +888,24 @@ def make_server_app() -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedprune.experiment import finish_run, prepare_run
+        from fedprune.experiment import finish_run, prepare_resume, prepare_run
 
         cfg, options = config_from_run_config(context.run_config)
-        run = prepare_run(cfg)
+        resume: Resume | None = None
+        if options.resume:
+            _LOG.info("fedprune: resuming %s with its own config.toml", options.resume)
+            run, resume = prepare_resume(Path(options.resume))
+            _LOG.info("fedprune: continuing after round %d", resume.round if resume else 0)
+        else:
+            run = prepare_run(cfg)
         strategy = FedpruneStrategy(
-            cfg, run.fed, run.server, on_round=run.on_round(), options=options
+            run.cfg,
+            run.fed,
+            run.server,
+            on_round=run.on_round(),
+            options=options,
+            resume=resume,
+            checkpoint=run.checkpointer(),
         )
         records = strategy.run(grid)
         result = finish_run(run, records)
@@ -959,9 +976,14 @@ class FlowerSimulationEngine:
         )
         server_app = ServerApp()
 
+        errors: list[RoundFailedError] = []
+
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
-            strategy.run(grid)
+            try:
+                strategy.run(grid)
+            except RoundFailedError as exc:  # stopped cleanly; raised again below
+                errors.append(exc)
 
         client_app = make_client_app(self.cfg, self.client_factory)
         flwr_logger = logging.getLogger("flwr")
@@ -980,8 +1002,8 @@ class FlowerSimulationEngine:
         finally:
             flwr_logger.setLevel(level)
             _shutdown_ray()
-        if strategy.error is not None:
-            raise strategy.error
+        if errors:
+            raise errors[0]
         if len(strategy.records) != self.cfg.federation.rounds:
             raise FlowerEngineError(
                 f"Flower simulation ended after {len(strategy.records)} of "
