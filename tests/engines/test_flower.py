@@ -43,6 +43,7 @@ from fedprune.engines.flower import (
     STYPE,
     FedpruneStrategy,
     FlowerEngineError,
+    FlowerOptions,
     _content,
     config_from_run_config,
     decode_content,
@@ -215,6 +216,10 @@ class MemoryGrid(Grid):
         for m in messages:
             msg_id = m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(m)
+            pid = self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+            if m.metadata.message_type == "train" and self.tamper.get(int(pid)) == "silent":
+                ids.append(msg_id)  # a node that never answers
+                continue
             self.replies[msg_id] = self._deliver(m)
             ids.append(msg_id)
         return ids
@@ -307,6 +312,21 @@ def test_undecodable_reply_is_dropped_with_a_logged_reason(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_client_that_times_out_is_dropped(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "engine.name=flower", "federation.rounds=2", "method=fedavg")
+    run = prepare_run(cfg)
+    options = FlowerOptions(round_timeout=0.3, poll_interval=0.05)
+    strategy = FedpruneStrategy(cfg, run.fed, run.server, options=options)
+    records = strategy.run(MemoryGrid(make_client_app(cfg), 4, tamper={2: "silent"}))
+    assert len(records) == 2
+    for rec in records:
+        if 2 in rec["sampled"]:
+            assert rec["failures"] == {2: "no reply within flower.round-timeout"}
+            assert rec["clients"] == len(rec["sampled"]) - 1
+    assert any("failures" in rec for rec in records)
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_injected_failures_match_the_inprocess_engine(tmp_path: Path) -> None:
     """``engine.fail_rate`` fails the same clients as in-process, as error replies that
     the strategy drops with their reason; the rounds complete."""
@@ -380,6 +400,54 @@ def test_flower_strategy_resumes_from_a_checkpoint(tmp_path: Path) -> None:
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
     for k, v in ref.model.state_dict().items():
         assert torch.allclose(v, resumed.server.model.state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_server_app_resumes_a_run_with_flower_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployed ServerApp: stopped after round 2's record, then started again with
+    ``flower.resume``; it finishes the run like an uninterrupted in-process run."""
+    from fedprune.engines.flower import make_server_app
+
+    keys = {
+        "out": str(tmp_path),
+        "federation.rounds": 4,
+        "data.num_clients": 4,
+        "federation.clients_per_round": 3,
+        "federation.aggregation": "fedavgm",
+    }
+    ref = run_experiment(_cfg(tmp_path, "federation.aggregation=fedavgm", "federation.rounds=4"))
+    cfg = _cfg(tmp_path, "engine.name=flower", "federation.aggregation=fedavgm")
+    real_append = rundir.append_metrics
+
+    def append_then_stop(run_dir: Path, rec: dict[str, Any]) -> None:
+        real_append(run_dir, rec)
+        if rec["round"] == 2:
+            raise KeyboardInterrupt
+
+    def context(run_config: dict[str, Any]) -> Context:
+        return Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
+
+    monkeypatch.setattr(rundir, "append_metrics", append_then_stop)
+    app = make_server_app()
+    with pytest.raises(KeyboardInterrupt):
+        app(MemoryGrid(make_client_app(cfg), 4), context({**keys, "name": "dep"}))
+    monkeypatch.setattr(rundir, "append_metrics", real_append)
+    run_dir = tmp_path / "dep"
+    assert len(rundir.read_metrics(run_dir)) == 2 and not (run_dir / "summary.json").exists()
+    app(MemoryGrid(make_client_app(cfg), 4), context({"flower.resume": str(run_dir)}))
+    summary = rundir.read_summary(run_dir)
+    assert summary["rounds"] == 4
+    for key in ("total_bytes_up", "total_bytes_down", "final_nonzero_params"):
+        assert summary[key] == ref.summary[key], key
+    assert summary["final_accuracy"] == pytest.approx(ref.summary["final_accuracy"], abs=1e-6)
+    assert [r["round"] for r in rundir.read_metrics(run_dir)] == [1, 2, 3, 4]
+    weights = rundir.load_weights(run_dir)
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, weights[k], atol=1e-6), k
 
 
 @pytest.mark.usefixtures("task_identity")
