@@ -271,6 +271,23 @@ def test_sigkill_at_random_rounds_and_mid_checkpoint_then_resume(tmp_path: Path)
     }
 
 
+def test_ctrl_c_says_how_to_continue_and_resume_finishes(tmp_path: Path) -> None:
+    args = ["run", "--rounds", "6", "--out", str(tmp_path), "--name", "int", "-q"]
+    proc = _cli(*args)
+    run_dir = tmp_path / "int"
+    deadline = time.monotonic() + 600
+    while _rounds_done(run_dir) < 2 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.wait(timeout=60) == 130, out
+    assert f"continue with: fedprune run --resume {run_dir}" in out
+    done = _cli("run", "--resume", str(run_dir), "-q")
+    assert done.wait(timeout=600) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 6
+
+
 # ------------------------------------------------------------ refused run directories
 
 

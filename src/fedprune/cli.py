@@ -146,7 +146,10 @@ def run(
     )
     task = progress.add_task(cfg.method, total=rounds_total)
 
+    started: list[Path] = []
+
     def on_start(run_dir: Path, fed: Any) -> None:
+        started.append(run_dir)
         if not quiet:
             console.print(
                 f"fedprune {cfg.method}: {cfg.data.dataset} ({len(fed.clients)} clients, "
@@ -171,13 +174,19 @@ def run(
             )
 
     t0 = time.perf_counter()
-    with progress:
-        if resume is not None:
-            result = resume_experiment(
-                resume, cfg=cfg, on_round=on_round, on_start=on_start, on_resume=on_resume
-            )
-        else:
-            result = run_experiment(cfg, on_round=on_round, on_start=on_start)
+    try:
+        with progress:
+            if resume is not None:
+                result = resume_experiment(
+                    resume, cfg=cfg, on_round=on_round, on_start=on_start, on_resume=on_resume
+                )
+            else:
+                result = run_experiment(cfg, on_round=on_round, on_start=on_start)
+    except KeyboardInterrupt:
+        if started and cfg.engine.checkpoint:
+            err_console.print(f"interrupted; continue with: fedprune run --resume {started[0]}")
+            raise typer.Exit(130) from None
+        raise
     s = result.summary
     total = (s["total_bytes_up"] + s["total_bytes_down"]) / MB
     dense = (s["dense_bytes_up"] + s["dense_bytes_down"]) / MB
