@@ -184,7 +184,10 @@ def run(
                 result = run_experiment(cfg, on_round=on_round, on_start=on_start)
     except KeyboardInterrupt:
         if started and cfg.engine.checkpoint:
-            err_console.print(f"interrupted; continue with: fedprune run --resume {started[0]}")
+            # plain print: rich would wrap a long path
+            print(
+                f"interrupted; continue with: fedprune run --resume {started[0]}", file=sys.stderr
+            )
             raise typer.Exit(130) from None
         raise
     s = result.summary
@@ -425,7 +428,9 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedprune`` console script; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            return code  # typer.Exit(code) inside a command, with standalone_mode off
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:  # usage errors from click itself: one line too
