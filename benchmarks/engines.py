@@ -35,16 +35,11 @@ average is printed before and after).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +47,11 @@ from _common import load_average, machine, median, table
 from fedprune import rundir
 from fedprune.config import load_config
 from fedprune.engines.flower import run_config_from_config
+from fedprune.engines.flower_local import local_deployment
 from fedprune.experiment import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+_OFFLINE = {"FEDPRUNE_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,134 +99,12 @@ def bench_local(args: argparse.Namespace, out: Path, engine: str, repeats: int) 
 # ------------------------------------------------------------------ deployment
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _descendants(pids: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    seen: set[int] = set()
-    todo = list(pids)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM, then SIGKILL, our processes, their groups and all their descendants."""
-    pids = {p.pid for p in procs}
-    pids |= _descendants(pids)  # the SuperLink's SuperExec runs in a session of its own
-    groups = set()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(pid))
-    groups.discard(os.getpgid(0))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(g, sig)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        if all(p.poll() is not None for p in procs):
-            return
-
-
-@contextlib.contextmanager
-def deployment(home: Path, nodes: int) -> Iterator[tuple[dict[str, str], float]]:
-    """A SuperLink and ``nodes`` SuperNodes; yields the CLI's env and the start-up time."""
-    t0 = time.perf_counter()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FEDPRUNE_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    link, *node_ports = _free_ports(1 + nodes)
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, cmd: list[str]) -> None:
-        (home / name).mkdir(parents=True)
-        with open(home / f"{name}.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env={**env, "FLWR_HOME": str(home / name)},
-                    cwd=home / name,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-    try:
-        start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                *("--insecure", "--host", "127.0.0.1", "--port", str(link)),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", link)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the SuperLink did not start")
-            time.sleep(0.2)
-        for i, port in enumerate(node_ports):
-            start(
-                f"supernode{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    *("--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port)),
-                    *("--node-config", f"partition-id={i} num-partitions={nodes}"),
-                ],
-            )
-        (home / "cli").mkdir()
-        (home / "cli" / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n[superlink.bench]\n'
-            f'address = "127.0.0.1:{link}"\ninsecure = true\n',
-            encoding="utf-8",
-        )
-        env["FLWR_HOME"] = str(home / "cli")
-        yield env, time.perf_counter() - t0
-    finally:
-        _stop(procs)
-
-
 def bench_deploy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     walls: list[float] = []
     runs: list[list[dict[str, Any]]] = []
-    with deployment(out / "flower", args.clients) as (env, infra):
+    t_infra = time.perf_counter()
+    with local_deployment(out / "flower", args.clients, env=_OFFLINE) as dep:
+        infra = time.perf_counter() - t_infra
         print(f"  SuperLink + {args.clients} SuperNodes started in {infra:.1f} s", flush=True)
         for i in range(args.deploy_repeats):
             name = f"deploy-{i}"
@@ -241,20 +115,13 @@ def bench_deploy(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 if k in _settings(args) or k in ("out", "name")
             }
             rc.update({"out": str(out), "name": name, "flower.round-timeout": 120})
-            text = " ".join(f"{k}={json.dumps(v)}" for k, v in rc.items())
             t0 = time.perf_counter()
-            subprocess.run(
-                [str(BIN / "flwr"), "run", str(REPO), "bench", "--run-config", text],
-                env=env,
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
+            dep.submit(REPO, rc)
             summary = out / name / rundir.SUMMARY
             deadline = time.monotonic() + 60 * (2 + args.rounds)
             while not summary.exists():
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"deployment run {name} did not finish; logs in {out}")
+                    raise RuntimeError(f"deployment run {name} did not finish:\n{dep.log_tails()}")
                 time.sleep(0.5)
             walls.append(time.perf_counter() - t0)
             runs.append(rundir.read_metrics(out / name))

@@ -7,20 +7,13 @@ two SuperNodes on loopback; every process they start is stopped by PID or proces
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +45,7 @@ from fedprune.engines.flower import (
     run_config_defaults,
     run_config_from_config,
 )
+from fedprune.engines.flower_local import LocalDeployment, local_deployment
 from fedprune.errors import ConfigError, DecodeError, RoundFailedError
 from fedprune.experiment import (
     RunResult,
@@ -63,7 +57,6 @@ from fedprune.experiment import (
 from fedprune.methods.registry import get_method, list_methods
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 def _cfg(tmp_path: Path, *extra: str) -> RunConfig:
@@ -507,235 +500,42 @@ def test_flower_simulation_matches_the_inprocess_engine(tmp_path: Path) -> None:
 # ------------------------------------------------------------- deployment runtime
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _wait(dep: LocalDeployment, run_id: int, marker: Path, limit: float = 300.0) -> str:
+    """Wait (bounded) until ``marker`` exists and the run is finished; its status.
 
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        out.setdefault(ppid, []).append(int(entry.name))
-    return out
-
-
-def _descendants(pids: Iterable[int]) -> set[int]:
-    tree = _children()
-    seen: set[int] = set()
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        for child in tree.get(pid, []):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
-    """SIGTERM our processes, their process groups and every descendant; then SIGKILL.
-
-    The SuperLink starts its SuperExec detached (a session of its own), so descendants
-    are collected by parent pid before anything is signalled.
+    The file is checked every second; the (CPU-hungry) CLI only every 20 s, so the poll
+    does not slow the run down on a small machine.
     """
-    own = os.getpgid(0)
-    pids = {p.pid for p in procs} | _descendants(p.pid for p in procs)
-    groups = set()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(pid))
-    groups.discard(own)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(g, sig)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-            time.sleep(0.2)
-        if not any(_alive(pid) for pid in pids):
-            return
-
-
-@dataclass
-class Deployment:
-    """A SuperLink with two SuperNodes on loopback, and a CLI configured for it."""
-
-    home: Path
-    env: dict[str, str]
-    procs: list[subprocess.Popen[bytes]]
-    logs: Path
-    connection: str = "fedprune-test"
-
-    def flwr(self, *args: str, timeout: float = 180) -> str:
-        out = subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            cwd=self.home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise AssertionError(f"flwr {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-        return out.stdout
-
-    def submit(self, run_config: dict[str, Any]) -> int:
-        text = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self.flwr("run", str(REPO), self.connection, "--format", "json", "--run-config", text)
-        return int(json.loads(out[out.index("{") :])["run-id"])
-
-    def status(self, run_id: int) -> str:
-        out = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
-        return str(json.loads(out[out.index("{") :])["runs"][0]["status"])
-
-    def wait(self, run_id: int, marker: Path, limit: float = 300.0) -> str:
-        """Wait (bounded) until ``marker`` exists and the run is finished; its status.
-
-        The file is checked every second; the (CPU-hungry) CLI only every 20 s, so the
-        poll does not slow the run down on a small machine.
-        """
-        deadline = time.monotonic() + limit
-        status = "unknown"
-        last_cli = time.monotonic()
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                break
-            if marker.exists() or time.monotonic() - last_cli > 20:
-                status = self.status(run_id)
-                last_cli = time.monotonic()
-                if status.startswith("finished"):
-                    return status
-            time.sleep(1)
-        tails = "\n".join(
-            f"--- {f.name}\n" + f.read_text(errors="replace")[-3000:]
-            for f in sorted(self.logs.glob("*.log"))
-        )
-        raise AssertionError(f"run {run_id} did not finish (status {status}):\n{tails}")
-
-
-def _wait_port(port: int, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {limit} s")
+    status = "unknown"
+    last_cli = time.monotonic()
+    while time.monotonic() < deadline and dep.alive():
+        if marker.exists() or time.monotonic() - last_cli > 20:
+            status = dep.status(run_id)
+            last_cli = time.monotonic()
+            if status.startswith("finished"):
+                return status
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} did not finish (status {status}):\n{dep.log_tails()}")
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+    """A SuperLink with two SuperNodes on loopback; every process is gone afterwards."""
     home = tmp_path_factory.mktemp("flower")
-    logs = home / "logs"
-    logs.mkdir()
     env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
         "FEDPRUNE_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    link, node0, node1 = _free_ports(3)
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, cmd: list[str]) -> None:
-        flwr_home = home / name
-        flwr_home.mkdir()
-        with open(logs / f"{name}.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env={**env, "FLWR_HOME": str(flwr_home)},
-                    cwd=flwr_home,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-    try:
-        start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(link),
-                "--disable-runtime-dependency-installation",
-            ],
-        )
-        _wait_port(link)
-        for i, port in enumerate((node0, node1)):
-            start(
-                f"supernode{i}",
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={i} num-partitions=2",
-                ],
-            )
-        cli_home = home / "cli"
-        cli_home.mkdir()
-        (cli_home / "config.toml").write_text(
-            "[superlink]\n"
-            'default = "fedprune-test"\n'
-            '[superlink."fedprune-test"]\n'
-            f'address = "127.0.0.1:{link}"\n'
-            "insecure = true\n",
-            encoding="utf-8",
-        )
-        env["FLWR_HOME"] = str(cli_home)
-        yield Deployment(home, env, procs, logs)
-    finally:
-        _stop(procs)
-        left = [p.pid for p in procs if p.poll() is None]
-        assert not left, f"processes still running: {left}"
+    with local_deployment(home, 2, connection="fedprune-test", env=env) as dep:
+        yield dep
+    left = [p.pid for p in dep.procs if p.poll() is None]
+    assert not left, f"processes still running: {left}"
 
 
 def _deployed_vs_inprocess(
-    deployment: Deployment, tmp_path: Path, name: str, extra: dict[str, Any]
+    deployment: LocalDeployment, tmp_path: Path, name: str, extra: dict[str, Any]
 ) -> tuple[Path, RunResult, RunConfig]:
     """Run one 2-round config on the deployment and in process; return both and the config."""
     settings: dict[str, Any] = {
@@ -747,17 +547,17 @@ def _deployed_vs_inprocess(
     out = tmp_path / "deployed"
     # a lost reply ends the round after 120 s instead of an hour
     run_id = deployment.submit(
-        {**settings, "out": str(out), "name": name, "flower.round-timeout": 120}
+        REPO, {**settings, "out": str(out), "name": name, "flower.round-timeout": 120}
     )
     cfg = load_config(overrides=[f"out='{tmp_path / 'inprocess'}'"], values=settings)
     ref = run_experiment(cfg)  # while the deployment runs
     run_dir = out / name
-    assert deployment.wait(run_id, run_dir / rundir.SUMMARY) == "finished:completed"
+    assert _wait(deployment, run_id, run_dir / rundir.SUMMARY) == "finished:completed"
     return run_dir, ref, cfg
 
 
 @pytest.mark.slow
-def test_deployment_fedsparsify_global(deployment: Deployment, tmp_path: Path) -> None:
+def test_deployment_fedsparsify_global(deployment: LocalDeployment, tmp_path: Path) -> None:
     run_dir, ref, cfg = _deployed_vs_inprocess(
         deployment, tmp_path, "fsg", {"method": "fedsparsify-global"}
     )
@@ -784,7 +584,7 @@ def test_deployment_fedsparsify_global(deployment: Deployment, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_deployment_autostructured(deployment: Deployment, tmp_path: Path) -> None:
+def test_deployment_autostructured(deployment: LocalDeployment, tmp_path: Path) -> None:
     if "autostructured" not in {m.name for m in list_methods()}:
         pytest.skip("the autostructured method is not registered yet")
     run_dir, ref, _ = _deployed_vs_inprocess(
