@@ -176,7 +176,8 @@ class LocalDeployment:
     def submit(self, app: Path, run_config: Mapping[str, Any]) -> int:
         """``flwr run APP <connection> --run-config ...``; the run id."""
         text = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self.flwr("run", str(app), self.connection, "--format", "json", "--run-config", text)
+        app_dir = str(Path(app).resolve())  # the CLI runs in ``home``, not here
+        out = self.flwr("run", app_dir, self.connection, "--format", "json", "--run-config", text)
         return int(json.loads(out[out.index("{") :])["run-id"])
 
     def status(self, run_id: int) -> str:
