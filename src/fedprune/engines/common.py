@@ -1,26 +1,31 @@
 """What every engine shares: the client sampler and the per-round accounting.
 
 Principle 1 of the design ("one engine, one accounting") holds across engines because
-the in-process engine and the Flower engine both sample with :func:`make_sampler` and
-count, time and record each round through one :class:`RoundAccounting`. An engine only
-tells it how many encoded bytes crossed in each direction and which replies arrived.
+the in-process engine and the Flower engine both draw clients, count, time, record and
+checkpoint each round through one :class:`RoundAccounting` (sampling with
+:func:`make_sampler`'s generator). An engine only tells it how many encoded bytes
+crossed in each direction and which replies arrived.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
 from fedprune.config import RunConfig
 from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_numel
-from fedprune.core.sampling import derive_seed
+from fedprune.core.sampling import derive_seed, sample_clients
 from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
 from fedprune.methods.base import ClientReply
+
+if TYPE_CHECKING:
+    from fedprune.methods.base import FederatedIO, ServerMethod
 
 __all__ = [
     "FAIL_TASK",
@@ -58,6 +63,9 @@ def injected_failures(cfg: RunConfig, rnd: int, attempt: int, cids: list[int]) -
 
 CheckpointFn = Callable[[int, list[dict[str, Any]], dict[str, Any]], None]
 """Called after each round with ``(round, records so far, engine state)``."""
+
+RoundCallback = Callable[[dict[str, Any]], None]
+"""Called with each round's record as soon as it exists."""
 
 
 @dataclass
@@ -102,6 +110,10 @@ class RoundAccounting:
         Parameter and FLOP counter of the global model.
     dense_message_bytes : int
         Size of one dense fp32 model message (4 bytes per state value).
+    sampler : numpy.random.Generator
+        The run's client-sampling generator (:func:`make_sampler`).
+    wall_offset : float
+        Wall seconds of the rounds finished before this process (a resumed run).
     """
 
     def __init__(self, cfg: RunConfig, fed: Federation, model: nn.Module) -> None:
@@ -111,8 +123,56 @@ class RoundAccounting:
         self.timer = Timer()
         self.stats = ModelStatsCounter(fed.input_shape)
         self.dense_message_bytes = 4 * state_numel(model)
+        self.sampler = make_sampler(cfg)
+        self.wall_offset = 0.0
         self._setup_up = 0
         self._setup_down = 0
+
+    # -- the run --------------------------------------------------------------------
+    def start(
+        self, server: ServerMethod, io: FederatedIO, resume: Resume | None
+    ) -> list[dict[str, Any]]:
+        """Before the first round: restore a resumed run's counters and sampler, or run
+        the server half's setup phase (its traffic is charged to round 1). Returns the
+        records of the rounds already finished."""
+        if resume is not None:
+            self.load_state_dict(resume.engine)
+            last = resume.records[-1] if resume.records else {}
+            self.wall_offset = float(last.get("wall_s") or 0.0)
+            return list(resume.records)
+        with self.timer.phase("setup"):
+            server.setup(io)
+        self.end_setup()
+        return []
+
+    def draw(self, rnd: int, attempt: int) -> tuple[list[int], frozenset[int]]:
+        """The clients of this round's ``attempt`` (from 1), and those of them that
+        failure injection makes fail; the same in every engine."""
+        cids = sample_clients(self.sampler, len(self.fed.clients), self.cfg.clients_per_round())
+        return cids, injected_failures(self.cfg, rnd, attempt, cids)
+
+    def finish_round(
+        self,
+        rec: dict[str, Any],
+        records: list[dict[str, Any]],
+        *,
+        t_round: float,
+        t_start: float,
+        on_round: RoundCallback | None,
+        checkpoint: CheckpointFn | None,
+    ) -> None:
+        """Time the round's record, append it, hand it to ``on_round``, then checkpoint
+        (the write is timed as the ``checkpoint`` phase)."""
+        now = time.perf_counter()
+        rec["round_s"] = now - t_round
+        rec["wall_s"] = self.wall_offset + now - t_start
+        records.append(rec)
+        if on_round is not None:
+            on_round(rec)
+        if checkpoint is not None:
+            state = self.state_dict()
+            with self.timer.phase("checkpoint"):
+                checkpoint(rec["round"], records, state)
 
     # -- bytes ------------------------------------------------------------------------
     def count_down(self, task: str, lengths: Iterable[int]) -> None:
@@ -138,17 +198,17 @@ class RoundAccounting:
             self.traffic.up, self.traffic.down = self._setup_up, self._setup_down
 
     # -- checkpoints ------------------------------------------------------------------
-    def state_dict(self, sampler: np.random.Generator) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The engine state a checkpoint keeps: counters, phase times, the sampler's RNG."""
         return {
             "traffic": asdict(self.traffic),
             "timer": dict(self.timer.seconds),
             "setup": [self._setup_up, self._setup_down],
             "dense_message_bytes": self.dense_message_bytes,
-            "sampler": sampler.bit_generator.state,
+            "sampler": self.sampler.bit_generator.state,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], sampler: np.random.Generator) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (in place: engines hold references)."""
         for key, value in state["traffic"].items():
             setattr(self.traffic, key, int(value))
@@ -157,7 +217,7 @@ class RoundAccounting:
         self._setup_up, self._setup_down = (int(v) for v in state["setup"])
         # of the initial model: the server's may have shrunk since
         self.dense_message_bytes = int(state["dense_message_bytes"])
-        sampler.bit_generator.state = state["sampler"]
+        self.sampler.bit_generator.state = state["sampler"]
 
     # -- records ----------------------------------------------------------------------
     def record(
@@ -167,6 +227,8 @@ class RoundAccounting:
         replies: list[ClientReply],
         extra: dict[str, Any],
         model: nn.Module,
+        failures: Mapping[int, str] | None = None,
+        attempts: int = 1,
     ) -> dict[str, Any]:
         """The round's metrics record (evaluation included; ``round_s``/``wall_s`` not).
 
@@ -182,6 +244,10 @@ class RoundAccounting:
             What ``ServerMethod.aggregate_fit`` returned.
         model
             The global model after aggregation.
+        failures, attempts
+            Clients dropped this round (``{cid: reason}``) and the attempts it took;
+            recorded as ``failed``, ``failures`` and ``attempts`` when there were any
+            failures or retries.
         """
         cfg = self.cfg
         rec: dict[str, Any] = {"round": rnd, "clients": len(replies), "sampled": cids}
@@ -219,6 +285,8 @@ class RoundAccounting:
         )
         rec.update({f"time_{k}_s": v for k, v in self.timer.seconds.items()})
         rec.update(extra)
+        if failures or attempts > 1:
+            rec.update(failed=len(failures or {}), failures=dict(failures or {}), attempts=attempts)
         return rec
 
     def local_accuracy(self, model: nn.Module) -> float | None:

@@ -42,8 +42,8 @@ Client ``i`` of the federation is the SuperNode whose node config has
 ``partition-id = i`` (``num-partitions`` must equal the number of clients; the
 simulation runtime sets both). Before round 1 the strategy sends every node a
 ``query`` message and builds the client-to-node map from the replies. Sampling is the
-in-process engine's (:func:`~fedprune.engines.common.make_sampler`), so both engines
-train the same clients in the same rounds.
+in-process engine's (:meth:`~fedprune.engines.common.RoundAccounting.draw`), so both
+engines train the same clients in the same rounds.
 
 Run configuration
 -----------------
@@ -83,7 +83,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fedprune.config import RunConfig, config_from_dict, config_to_dict
 from fedprune.core.codec import Payload, decode_payload, encode_payload
-from fedprune.core.sampling import sample_clients
 from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
@@ -91,8 +90,7 @@ from fedprune.engines.common import (
     InjectedFailure,
     Resume,
     RoundAccounting,
-    injected_failures,
-    make_sampler,
+    RoundCallback,
 )
 from fedprune.errors import ConfigError, DecodeError, FedpruneError, RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
@@ -126,8 +124,6 @@ _HEAD_SIZE = 8  # codec message head: magic (3), version (1), JSON header length
 _FLOWER_PREFIX = "flower."
 
 _LOG = logging.getLogger("flwr.fedprune")
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 
 class FlowerEngineError(FedpruneError, RuntimeError):
@@ -580,14 +576,12 @@ class FedpruneStrategy(Strategy):
         self.accounting = RoundAccounting(cfg, fed, server.model)
         self.resume = resume
         self.checkpoint = checkpoint
-        self.records: list[dict[str, Any]] = list(resume.records) if resume else []
-        self._offset = len(self.records)
+        self.records: list[dict[str, Any]] = []
+        self._offset = 0
         """Rounds finished before this process started (Flower counts from 1 again)."""
-        self._wall0 = float(self.records[-1].get("wall_s") or 0.0) if self.records else 0.0
         self.node_of: dict[int, int] = {}
         """Client id -> SuperNode id."""
         self._cid_of: dict[int, int] = {}
-        self._sampler = make_sampler(cfg)
         self._grid: Grid | None = None
         self._t_start = 0.0
         self._t_round = 0.0
@@ -620,8 +614,7 @@ class FedpruneStrategy(Strategy):
     def _fit_messages(self, rnd: int, attempt: int) -> list[Message]:
         """Sample the clients of this attempt and build their messages (some set to
         fail on purpose by ``engine.fail_rate``)."""
-        self._cids = sample_clients(self._sampler, self.num_clients, self.cfg.clients_per_round())
-        fail = injected_failures(self.cfg, rnd, attempt, self._cids)
+        self._cids, fail = self.accounting.draw(rnd, attempt)
         payloads = self.server.configure_fit(rnd, self._cids)
         return self._messages("fit", payloads, f"{rnd}.{attempt}", fail)
 
@@ -674,19 +667,15 @@ class FedpruneStrategy(Strategy):
         )
         with acct.timer.phase("aggregate"):
             extra = self.server.aggregate_fit(rnd, decoded)
-        if drops or attempts > 1:  # the in-process engine's keys
-            extra = {**extra, "failed": len(drops), "failures": drops, "attempts": attempts}
-        rec = acct.record(rnd, self._cids, decoded, extra, self.server.model)
-        now = time.perf_counter()
-        rec["round_s"] = now - self._t_round
-        rec["wall_s"] = self._wall0 + now - self._t_start
-        self.records.append(rec)
-        if self.on_round is not None:
-            self.on_round(rec)
-        if self.checkpoint is not None:
-            state = acct.state_dict(self._sampler)
-            with acct.timer.phase("checkpoint"):
-                self.checkpoint(rnd, self.records, state)
+        rec = acct.record(rnd, self._cids, decoded, extra, self.server.model, drops, attempts)
+        acct.finish_round(
+            rec,
+            self.records,
+            t_round=self._t_round,
+            t_start=self._t_start,
+            on_round=self.on_round,
+            checkpoint=self.checkpoint,
+        )
         _LOG.info(
             "fedprune round %d: accuracy %s, sparsity %.3f, %d B up, %d B down",
             rnd,
@@ -726,12 +715,8 @@ class FedpruneStrategy(Strategy):
         self._t_start = time.perf_counter()
         try:
             self.discover(grid)
-            if self.resume is not None:
-                self.accounting.load_state_dict(self.resume.engine, self._sampler)
-            else:
-                with self.accounting.timer.phase("setup"):
-                    self.server.setup(self)
-                self.accounting.end_setup()
+            self.records = self.accounting.start(self.server, self, self.resume)
+            self._offset = len(self.records)
             remaining = self.cfg.federation.rounds - self._offset
             if remaining > 0:
                 self.start(

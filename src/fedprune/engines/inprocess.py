@@ -22,7 +22,6 @@ import torch
 
 from fedprune.config import RunConfig
 from fedprune.core.codec import Payload, decode_payload, encode_payload
-from fedprune.core.sampling import sample_clients
 from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
@@ -30,15 +29,12 @@ from fedprune.engines.common import (
     InjectedFailure,
     Resume,
     RoundAccounting,
-    injected_failures,
-    make_sampler,
+    RoundCallback,
 )
 from fedprune.errors import RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
 log = logging.getLogger(__name__)
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 # Worker-process globals (set by the fork initializer; never pickled).
 _W_FED: Federation | None = None
@@ -112,7 +108,6 @@ class InProcessEngine:
         self._client: ClientMethod | None = None
         self._pool: Any = None
         self.failures: dict[int, str] = {}
-        self._sampler = make_sampler(cfg)
 
     # -- transport ------------------------------------------------------------------
     def exchange(
@@ -167,16 +162,13 @@ class InProcessEngine:
                 out[cid] = buf
         return out
 
-    def _train_round(
-        self, rnd: int, k: int
-    ) -> tuple[list[int], list[ClientReply], dict[int, str], int]:
+    def _train_round(self, rnd: int) -> tuple[list[int], list[ClientReply], dict[int, str], int]:
         """Sample and train; retry with a fresh sample while too few clients answer."""
         cfg = self.cfg.federation
         failures: dict[int, str] = {}
         for attempt in range(1, cfg.max_retries + 2):
-            cids = sample_clients(self._sampler, self.num_clients, k)
+            cids, fail = self.accounting.draw(rnd, attempt)
             self.failures = {}
-            fail = injected_failures(self.cfg, rnd, attempt, cids)
             with self.timer.phase("train"):
                 replies = self.exchange("fit", self.server.configure_fit(rnd, cids), fail)
             failures.update(self.failures)
@@ -222,41 +214,26 @@ class InProcessEngine:
         checkpoint
             Called after ``on_round`` with the round, the records and the engine state.
         """
-        cfg = self.cfg
-        records: list[dict[str, Any]] = list(resume.records) if resume else []
-        wall0 = float(records[-1].get("wall_s") or 0.0) if records else 0.0
         t_start = time.perf_counter()
         try:
-            if resume is not None:
-                self.accounting.load_state_dict(resume.engine, self._sampler)
-            else:
-                with self.timer.phase("setup"):
-                    self.server.setup(self)
-                self.accounting.end_setup()  # setup traffic is charged to round 1
-            k = cfg.clients_per_round()
-            for rnd in range(len(records) + 1, cfg.federation.rounds + 1):
+            records = self.accounting.start(self.server, self, resume)
+            for rnd in range(len(records) + 1, self.cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
-                cids, replies, failures, attempts = self._train_round(rnd, k)
+                cids, replies, failures, attempts = self._train_round(rnd)
                 with self.timer.phase("aggregate"):
                     extra = self.server.aggregate_fit(rnd, replies)
-                if failures or attempts > 1:
-                    extra = {
-                        **extra,
-                        "failed": len(failures),
-                        "failures": failures,
-                        "attempts": attempts,
-                    }
-                rec = self.accounting.record(rnd, cids, replies, extra, self.server.model)
-                rec["round_s"] = time.perf_counter() - t_round
-                rec["wall_s"] = wall0 + time.perf_counter() - t_start
-                records.append(rec)
-                if on_round is not None:
-                    on_round(rec)
-                if checkpoint is not None:
-                    state = self.accounting.state_dict(self._sampler)
-                    with self.timer.phase("checkpoint"):
-                        checkpoint(rnd, records, state)
+                rec = self.accounting.record(
+                    rnd, cids, replies, extra, self.server.model, failures, attempts
+                )
+                self.accounting.finish_round(
+                    rec,
+                    records,
+                    t_round=t_round,
+                    t_start=t_start,
+                    on_round=on_round,
+                    checkpoint=checkpoint,
+                )
         finally:
             self.close()
         return records
