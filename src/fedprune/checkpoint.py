@@ -80,9 +80,7 @@ def pack(value: Any, tensors: dict[str, torch.Tensor], path: str = "state") -> A
     TypeError
         A value of another type (the message names its path in the tree).
     """
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
+    if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"$float": repr(value)}
