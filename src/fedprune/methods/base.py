@@ -78,6 +78,23 @@ class ModelSpec:
             self.name, self.input_shape, self.num_classes, hidden=self.hidden, seed=seed
         )
 
+    def rebuild(self, history: list[dict[str, Any]]) -> nn.Module:
+        """The architecture after a structured-pruning ``history``: a fresh build with the
+        history replayed (its weights are to be loaded). The build is seeded, so it
+        consumes nothing of the global random state that dropout draws from.
+
+        Raises
+        ------
+        ValueError
+            A history that does not fit this architecture.
+        """
+        model = self.build(seed=0)
+        if not history:
+            return model
+        from fedprune.core.structured import example_input, replay
+
+        return replay(model, history, example_input(self.input_shape))
+
 
 @dataclass
 class ClientReply:
@@ -297,10 +314,7 @@ class ServerMethod:
         for name in self._checkpoint_names():
             setattr(self, name, state[name])
         if self.history:
-            from fedprune.core.structured import example_input, replay
-
-            example = example_input(self.spec.input_shape)
-            self.model = replay(self.spec.build(seed=0), self.history, example)
+            self.model = self.spec.rebuild(self.history)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -343,14 +357,8 @@ class ClientMethod:
 
             key = history_key(arch)
         if self._model is None or key != self._arch_key:
-            # seeded: building must not consume the global random state that dropout
-            # draws from (a fresh client, e.g. after a resume, must train like a warm one)
-            model = self.spec.build(seed=0)
-            if arch:
-                from fedprune.core.structured import example_input, replay
-
-                model = replay(model, arch, example_input(self.spec.input_shape))
-            self._model, self._arch_key = model, key
+            # a fresh client (e.g. after a resume) must train exactly like a warm one
+            self._model, self._arch_key = self.spec.rebuild(arch), key
         model = self._model
         weights = {k: v for k, v in payload.arrays.items() if not k.startswith(MASK_PREFIX)}
         model.load_state_dict(weights)
