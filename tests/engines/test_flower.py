@@ -25,11 +25,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import rundir
-from fedprune.checkpoint import load_checkpoint
 from fedprune.config import RunConfig, load_config
 from fedprune.core.codec import Payload, encode_arrays, encode_payload
 from fedprune.core.masks import weight_sparsity
-from fedprune.engines.common import Resume
 from fedprune.engines.flower import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -51,6 +49,7 @@ from fedprune.experiment import (
     RunResult,
     load_federation,
     model_spec,
+    prepare_resume,
     prepare_run,
     run_experiment,
 )
@@ -374,15 +373,13 @@ def test_flower_strategy_resumes_from_a_checkpoint(tmp_path: Path) -> None:
     )
     with pytest.raises(KeyboardInterrupt):
         strategy.run(MemoryGrid(make_client_app(cfg), 4))
-    resumed = prepare_run(cfg, run_dir=run.run_dir)
-    ckpt = load_checkpoint(run.run_dir)
-    assert ckpt is not None and ckpt.round == 1
-    resumed.server.restore_state(ckpt.server)
+    resumed, resume = prepare_resume(run.run_dir, cfg)
+    assert resume is not None and resume.round == 1
     strategy = FedpruneStrategy(
         cfg,
         resumed.fed,
         resumed.server,
-        resume=Resume(ckpt.round, ckpt.records, ckpt.engine),
+        resume=resume,
         checkpoint=resumed.checkpointer(),
     )
     records = strategy.run(MemoryGrid(make_client_app(cfg), 4))
