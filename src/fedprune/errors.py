@@ -32,3 +32,13 @@ class DecodeError(FedpruneError, ValueError):
 class RoundFailedError(FedpruneError):
     """Too few clients answered a round, even after retries; the run stopped cleanly
     (every finished round is in ``metrics.jsonl``)."""
+
+
+def elide(text: str, limit: int = 80) -> str:
+    """``text`` on one line and at most ``limit`` characters (the middle elided with '...')."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    keep = max(limit - 3, 2)
+    head = (keep + 1) // 2
+    return flat[:head] + "..." + flat[len(flat) - (keep - head) :]
