@@ -28,6 +28,8 @@ from fedprune.core.codec import (
     encode_payload,
     encode_tensor,
     encoded_size,
+    join_payload,
+    split_payload,
 )
 from fedprune.errors import DecodeError
 
@@ -674,6 +676,66 @@ T = encode_tensor(torch.arange(3.0))
 def test_malformed_payload_headers_are_rejected(raw: bytes, match: str) -> None:
     with pytest.raises(DecodeError, match=match):
         decode_payload(raw)
+
+
+def test_split_and_join_payload_round_trip() -> None:
+    p = sample_payload()
+    buf = encode_payload(p)
+    parts = split_payload(buf)
+    (hlen,) = struct.unpack_from("<I", buf, 4)
+    assert parts.head == buf[:8] and parts.header == buf[8 : 8 + hlen]
+    assert parts.arrays == encode_arrays(p.arrays)  # the per-tensor buffers, in order
+    assert list(parts.arrays) == list(p.arrays)
+    assert parts.nbytes == len(buf)
+    assert join_payload(parts.head, parts.header, parts.arrays) == buf
+    # the buffers may come in any order: they are joined in the header's
+    shuffled = dict(reversed(list(parts.arrays.items())))
+    assert join_payload(parts.head, parts.header, shuffled) == buf
+    assert split_payload(memoryview(bytearray(buf))).arrays == parts.arrays
+    empty = encode_payload(Payload())
+    e = split_payload(empty)
+    assert e.arrays == {} and join_payload(e.head, e.header, {}) == empty
+
+
+def test_split_payload_checks_the_framing() -> None:
+    buf = encode_payload(sample_payload())
+    for cut in range(len(buf)):
+        with pytest.raises(DecodeError):
+            split_payload(buf[:cut])
+    with pytest.raises(DecodeError, match="trailing"):
+        split_payload(buf + b"\x00")
+    with pytest.raises(DecodeError, match="magic"):
+        split_payload(patched(buf, 0, ord("X")))
+    with pytest.raises(DecodeError, match="not unique"):
+        split_payload(raw_payload({"config": {}, "metrics": {}, "arrays": [["a", 0], ["a", 0]]}))
+    with pytest.raises(DecodeError, match="invalid"):
+        split_payload(raw_payload(b'{"config":{},"metrics":{},"arrays":[]'))
+
+
+def test_join_payload_checks_the_pieces_against_each_other() -> None:
+    parts = split_payload(encode_payload(sample_payload()))
+    head, header, arrays = parts.head, parts.header, parts.arrays
+    name = next(iter(arrays))
+    with pytest.raises(DecodeError, match="8 bytes"):
+        join_payload(head[:-1], header, arrays)
+    with pytest.raises(DecodeError, match="magic"):
+        join_payload(b"XPP" + head[3:], header, arrays)
+    with pytest.raises(DecodeError, match="version"):
+        join_payload(patched(head, 3, 9), header, arrays)
+    with pytest.raises(DecodeError, match="announces"):
+        join_payload(head, header + b" ", arrays)
+    with pytest.raises(DecodeError, match="invalid"):
+        join_payload(head, header[:-1] + b"]", arrays)
+    with pytest.raises(DecodeError, match="missing"):
+        join_payload(head, header, {k: v for k, v in arrays.items() if k != name})
+    with pytest.raises(DecodeError, match="unknown"):
+        join_payload(head, header, {**arrays, "extra": b""})
+    with pytest.raises(DecodeError, match=f"'{name}'.*says"):
+        join_payload(head, header, {**arrays, name: arrays[name][:-1]})
+    # lengths right but a tensor buffer corrupt: joined, and decode_payload refuses it
+    bad = join_payload(head, header, {**arrays, name: b"FPX" + arrays[name][3:]})
+    with pytest.raises(DecodeError, match="magic"):
+        decode_payload(bad)
 
 
 def test_raw_payload_helper_is_valid() -> None:

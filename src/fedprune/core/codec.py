@@ -66,6 +66,12 @@ The JSON is strict: no ``NaN``/``Infinity`` tokens, no duplicate keys. Non-finit
 metrics travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and are
 decoded back to floats; a non-finite float inside ``config`` is rejected at encode time.
 
+A transport that carries the pieces separately (the Flower engine: one ``Array`` per
+tensor) cuts a message with :func:`split_payload` (head, JSON header, tensor buffers; the
+framing checked) and rejoins it with :func:`join_payload` (head, header, names and
+lengths checked against each other) before :func:`decode_payload`; only this module
+knows the layout above.
+
 Decoding is strict: every malformed buffer (bad magic, version, codes, lengths, counts,
 indices, padding, JSON) raises :class:`fedprune.errors.DecodeError` with a one-line
 message, and a header cannot make the decoder allocate more than :data:`MAX_NUMEL`
@@ -74,11 +80,12 @@ elements. Non-finite tensor values are allowed here; validating them is a separa
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
@@ -93,6 +100,7 @@ __all__ = [
     "MAX_NDIM",
     "MAX_NUMEL",
     "Payload",
+    "PayloadParts",
     "TensorFormat",
     "decode_arrays",
     "decode_payload",
@@ -101,6 +109,8 @@ __all__ = [
     "encode_payload",
     "encode_tensor",
     "encoded_size",
+    "join_payload",
+    "split_payload",
 ]
 
 FORMAT_VERSION: Final[int] = 1
@@ -386,6 +396,17 @@ def encoded_size(t: TensorLike, *, fp16: bool = False, fmt: TensorFormat | None 
 
 # --------------------------------------------------------------------------------------
 # decoding
+
+
+@contextlib.contextmanager
+def _decode_errors(what: str) -> Iterator[None]:
+    """Turn the low-level errors a hostile buffer can provoke into :class:`DecodeError`."""
+    try:
+        yield
+    except DecodeError:
+        raise
+    except (struct.error, ValueError, IndexError, OverflowError, TypeError, RecursionError) as e:
+        raise DecodeError(f"malformed {what}: {e}") from e
 
 
 def _as_view(buf: BytesLike, what: str) -> memoryview:
@@ -774,15 +795,12 @@ def decode_payload(buf: BytesLike) -> Payload:
         array lengths that do not add up to the buffer, or a malformed tensor.
     """
     mv = _as_view(buf, "payload buffer")
-    try:
+    with _decode_errors("payload buffer"):
         return _decode_payload(mv)
-    except DecodeError:
-        raise
-    except (struct.error, ValueError, IndexError, OverflowError, TypeError, RecursionError) as e:
-        raise DecodeError(f"malformed payload buffer: {e}") from e
 
 
-def _decode_payload(mv: memoryview) -> Payload:
+def _read_head(mv: memoryview) -> int:
+    """Check a message buffer's 8-byte head; the JSON header's length."""
     n = len(mv)
     if n < _PAYLOAD_HEAD.size:
         raise DecodeError(f"payload buffer too short: {n} bytes, the header needs 8")
@@ -791,13 +809,16 @@ def _decode_payload(mv: memoryview) -> Payload:
         raise DecodeError(f"not a payload buffer: magic {magic!r}, expected {PAYLOAD_MAGIC!r}")
     if version != FORMAT_VERSION:
         raise DecodeError(f"unsupported codec version {version}")
-    start = _PAYLOAD_HEAD.size
-    if n < start + hlen:
-        raise DecodeError(
-            f"payload buffer truncated: {n} bytes, JSON header ends at {start + hlen}"
-        )
+    return int(hlen)
+
+
+_Index: TypeAlias = "list[tuple[str, int]]"
+
+
+def _parse_header(raw: memoryview) -> tuple[dict[str, Any], dict[str, float], _Index]:
+    """Parse and check a message's JSON header: ``(config, metrics, [(name, length)])``."""
     try:
-        text = bytes(mv[start : start + hlen]).decode("utf-8")
+        text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DecodeError(f"payload JSON header is not UTF-8: {e.reason}") from e
     try:
@@ -833,9 +854,7 @@ def _decode_payload(mv: memoryview) -> Payload:
             raise DecodeError(f"payload metric {name[:80]!r} is not a number")
     if not isinstance(entries, list):
         raise DecodeError("payload arrays is not a JSON list")
-    pos = start + hlen
-    arrays: dict[str, torch.Tensor] = {}
-    spans: list[tuple[str, int, int]] = []
+    index: list[tuple[str, int]] = []
     seen: set[str] = set()
     for entry in entries:
         if (
@@ -851,15 +870,155 @@ def _decode_payload(mv: memoryview) -> Payload:
         if name in seen:
             raise DecodeError(f"payload array name {name[:80]!r} is not unique")
         seen.add(name)
+        index.append((name, length))
+    return config, metrics, index
+
+
+def _split(
+    mv: memoryview,
+) -> tuple[int, dict[str, Any], dict[str, float], list[tuple[str, int, int]]]:
+    """Check a whole message's framing: ``(hlen, config, metrics, [(name, begin, length)])``."""
+    n = len(mv)
+    hlen = _read_head(mv)
+    start = _PAYLOAD_HEAD.size
+    if n < start + hlen:
+        raise DecodeError(
+            f"payload buffer truncated: {n} bytes, JSON header ends at {start + hlen}"
+        )
+    config, metrics, index = _parse_header(mv[start : start + hlen])
+    pos = start + hlen
+    spans: list[tuple[str, int, int]] = []
+    for name, length in index:
         spans.append((name, pos, length))
         pos += length
     if pos != n:
         if pos > n:
             raise DecodeError(f"payload buffer truncated: {n} bytes, arrays end at {pos}")
         raise DecodeError(f"payload buffer has {n - pos} trailing bytes")
+    return hlen, config, metrics, spans
+
+
+def _decode_payload(mv: memoryview) -> Payload:
+    _, config, metrics, spans = _split(mv)
+    arrays: dict[str, torch.Tensor] = {}
     for name, begin, length in spans:
         try:
             arrays[name] = decode_tensor(mv[begin : begin + length])
         except DecodeError as e:
             raise DecodeError(f"payload array {name[:80]!r}: {e}") from e
     return Payload(arrays=arrays, config=config, metrics=metrics)
+
+
+# --------------------------------------------------------------------------------------
+# a message buffer's framing, for transports that carry its pieces separately
+
+
+@dataclass(frozen=True, eq=False)
+class PayloadParts:
+    """A message buffer cut along its own framing (see :func:`split_payload`).
+
+    Attributes
+    ----------
+    head : bytes
+        The 8-byte message head: magic, version, length of ``header``.
+    header : bytes
+        The UTF-8 JSON header (config, metrics, and the name and length of every tensor
+        buffer).
+    arrays : dict[str, bytes]
+        The tensor buffers (each what :func:`encode_tensor` makes), in the header's order.
+    """
+
+    head: bytes
+    header: bytes
+    arrays: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Length of the whole message buffer (what the engines count)."""
+        return len(self.head) + len(self.header) + sum(len(b) for b in self.arrays.values())
+
+
+def split_payload(buf: BytesLike) -> PayloadParts:
+    """Cut a buffer made by :func:`encode_payload` into head, JSON header and tensor buffers.
+
+    Every check of :func:`decode_payload` on the framing applies (magic, version, lengths,
+    the JSON header, array names and lengths adding up to the buffer); the tensor buffers
+    themselves are not decoded here (:func:`decode_payload` of the joined buffer, or
+    :func:`decode_tensor`, checks them).
+
+    Parameters
+    ----------
+    buf : bytes, bytearray or memoryview
+        Exactly one encoded message.
+
+    Returns
+    -------
+    PayloadParts
+        ``join_payload(parts.head, parts.header, parts.arrays) == bytes(buf)``.
+
+    Raises
+    ------
+    DecodeError
+        The framing is malformed.
+    """
+    mv = _as_view(buf, "payload buffer")
+    with _decode_errors("payload buffer"):
+        hlen, _, _, spans = _split(mv)
+    start = _PAYLOAD_HEAD.size
+    return PayloadParts(
+        bytes(mv[:start]),
+        bytes(mv[start : start + hlen]),
+        {name: bytes(mv[begin : begin + length]) for name, begin, length in spans},
+    )
+
+
+def join_payload(head: BytesLike, header: BytesLike, arrays: Mapping[str, BytesLike]) -> bytes:
+    """Join the pieces of :func:`split_payload` back into one message buffer.
+
+    Parameters
+    ----------
+    head : bytes
+        The 8-byte message head.
+    header : bytes
+        The JSON header the head announces.
+    arrays : Mapping[str, bytes]
+        One tensor buffer per name of the header, in any order; they are joined in the
+        header's order.
+
+    Returns
+    -------
+    bytes
+        The message buffer, ready for :func:`decode_payload` (which decodes the tensors).
+
+    Raises
+    ------
+    DecodeError
+        A head that is not a message head or announces another header length, a
+        malformed header, names that differ from the header's, or a buffer whose length
+        differs from the header's entry.
+    """
+    hv = _as_view(head, "payload head")
+    jv = _as_view(header, "payload header")
+    if len(hv) != _PAYLOAD_HEAD.size:
+        raise DecodeError(f"payload head must be {_PAYLOAD_HEAD.size} bytes, got {len(hv)}")
+    hlen = _read_head(hv)
+    if hlen != len(jv):
+        raise DecodeError(f"payload head announces a {hlen}-byte JSON header, got {len(jv)}")
+    with _decode_errors("payload header"):
+        _, _, index = _parse_header(jv)
+    names = [name for name, _ in index]
+    if set(names) != set(arrays):
+        missing = sorted(set(names) - set(arrays))[:5]
+        extra = sorted(str(k)[:80] for k in set(arrays) - set(names))[:5]
+        raise DecodeError(
+            f"payload arrays do not match the header's names (missing {missing}, unknown {extra})"
+        )
+    bufs = [hv, jv]
+    for name, length in index:
+        b = _as_view(arrays[name], f"payload array {name[:80]!r}")
+        if len(b) != length:
+            raise DecodeError(
+                f"payload array {name[:80]!r}: the header says {length} bytes, got {len(b)}"
+            )
+        bufs.append(b)
+    return b"".join(bufs)
