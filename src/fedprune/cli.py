@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedprune.errors import FedpruneError, UserInputError
+from fedprune.errors import FedpruneError, UserInputError, elide
+
+MAX_MESSAGE = 193
+"""Longest error message: with its 'error: ' prefix a line stays within 200 characters."""
 
 app = typer.Typer(
     name="fedprune",
@@ -369,7 +372,11 @@ def compare(
     try:
         seed_list = [int(x) for x in seeds.split(",")] if seeds else []
     except ValueError:
-        raise UserInputError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+        raise UserInputError(
+            f"--seeds expects comma-separated integers, got {elide(repr(seeds), 60)}"
+        ) from None
+    if len(set(seed_list)) != len(seed_list):
+        raise UserInputError("--seeds lists a seed twice")
     if target is not None and not 0 < target <= 1:
         raise UserInputError(f"--target must be an accuracy in (0, 1], got {target}")
     total_rounds = cfg.federation.rounds * len(names) * max(1, len(seed_list))
@@ -434,17 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:  # usage errors from click itself: one line too
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        print(f"error: {elide(exc.format_message(), MAX_MESSAGE)}", file=sys.stderr)
         return 2
     except click.exceptions.Abort:
         err_console.print("aborted")
         return 130
     except UserInputError as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = elide(str(exc), MAX_MESSAGE) if str(exc) else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)  # plain print: rich would wrap the line
         return 2
     except FedpruneError as exc:  # e.g. a round without enough clients: stopped cleanly
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        # one line, not shortened: it may end in the resume command with the run's path
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")

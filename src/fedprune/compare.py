@@ -30,9 +30,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fedprune import rundir
-from fedprune.config import METHODS, RunConfig
-from fedprune.errors import ConfigError, UserInputError
+from fedprune import registry, rundir
+from fedprune.config import RunConfig
+from fedprune.errors import ConfigError, UserInputError, elide
 
 MB = 1e6
 COMPARISON_JSON = "comparison.json"
@@ -53,12 +53,50 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods needs at least one method")
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    known = registry.method_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(
+            f"--methods: unknown method {elide(', '.join(unknown), 60)}; "
+            f"choose from {', '.join(known)}"
+        )
     if len(set(methods)) != len(methods):
         raise ConfigError("--methods lists a method twice")
     return methods
+
+
+def check_combinations(
+    cfg: RunConfig, methods: Sequence[str], seeds: Sequence[int]
+) -> dict[int, Any]:
+    """Load each seed's federation and check every method on it before any training.
+
+    Returns the federations by seed. Raises one ConfigError that lists every problem
+    (a method's config, the data, a model that does not fit the data, a method that
+    cannot serve the model) so that a comparison never stops after hours of training.
+    """
+    from fedprune.experiment import check_method, load_federation
+
+    problems: list[str] = []
+    feds: dict[int, Any] = {}
+    for seed in seeds:
+        base = dataclasses.replace(cfg, seed=seed)
+        try:
+            feds[seed] = load_federation(base)
+        except UserInputError as exc:
+            problems.append(f"data (seed {seed}): {exc}")
+            continue
+        for m in methods:
+            try:
+                check_method(dataclasses.replace(base, method=m).validate(), feds[seed])
+            except UserInputError as exc:
+                text = f"{m}: {exc}"
+                if text not in problems:
+                    problems.append(text)
+    if problems:
+        n = len(problems)
+        head = "1 problem" if n == 1 else f"{n} problems"
+        raise ConfigError(f"compare cannot start, {head}: " + " | ".join(problems))
+    return feds
 
 
 def reach(records: Sequence[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
@@ -275,19 +313,22 @@ def run_compare(
     (Path, list of dict)
         The comparison directory and the table rows.
     """
-    from fedprune.experiment import load_federation, run_experiment
+    from fedprune.experiment import run_experiment
 
     seeds = list(seeds) or [cfg.seed]
     out = out or Path(cfg.out) / f"compare_{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and any(out.iterdir()):
-        raise UserInputError(f"comparison directory {str(out)!r} exists and is not empty")
+        raise UserInputError(
+            f"comparison directory {elide(repr(str(out)), 80)} exists and is not empty"
+        )
+    feds = check_combinations(cfg, methods, seeds)  # before anything is written
     (out / "runs").mkdir(parents=True, exist_ok=True)
     by_method = {m: MethodRuns(m, [], [], []) for m in methods}
     total = len(methods) * len(seeds)
     index = 0
     for seed in seeds:
         base = dataclasses.replace(cfg, seed=seed, out=str(out / "runs"))
-        fed = load_federation(base)  # one data load and one partition per seed
+        fed = feds.pop(seed)  # one data load and one partition per seed
         for m in methods:
             run_cfg = dataclasses.replace(base, method=m, name=f"{m}-seed{seed}").validate()
             if on_run_start is not None:

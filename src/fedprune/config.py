@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -29,226 +30,269 @@ from typing import Any
 
 import tomli_w
 
-from fedprune.errors import ConfigError
+from fedprune import registry
+from fedprune.errors import ConfigError, elide
+from fedprune.params import MAX_INT64, check_value, key_rows, spec_of, validate_section
+from fedprune.params import key as _key
+from fedprune.sections import AutoFlipConfig, StructuredConfig
 
-METHODS: tuple[str, ...] = (
-    "fedavg",
-    "fedsparsify-global",
-    "fedsparsify-local",
-    "autoflip",
-    "autostructured",
-    "omp",
-    "snip",
-    "grasp",
-    "random",
-    "prunefl",
-)
+__all__ = [
+    "AutoFlipConfig",
+    "DataConfig",
+    "EngineConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PruningConfig",
+    "RunConfig",
+    "StructuredConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "check_name",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_toml",
+    "key_table",
+    "load_config",
+]
+
 ENGINES: tuple[str, ...] = ("inprocess", "flower")
+_BIG = 1_000_000
+"""Upper bound of round, epoch and period counts (a run of a million rounds is a typo)."""
+MAX_CLIENTS = 100_000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,127}$")
 
 
 @dataclass
 class DataConfig:
     """Which data set, where its files are, and how it is split among clients."""
 
-    dataset: str = "digits"
-    data_dir: str = ""
-    partition: str = "iid"
-    num_clients: int = 10
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    local_test_fraction: float = 0.0
-    min_size: int = 1
+    dataset: str = _key("digits", "data set (see `fedprune datasets`)", flag="--dataset")
+    data_dir: str = _key(
+        "", "folder with the files (default: $FEDPRUNE_DATA/NAME)", flag="--data-dir"
+    )
+    partition: str = _key(
+        "iid",
+        "`iid`, `dirichlet`, `shards`, `sort-and-deal`, `natural` (writers)",
+        flag="--partition",
+    )
+    num_clients: int = _key(10, "clients in the federation", ge=1, le=MAX_CLIENTS, flag="--clients")
+    alpha: float = _key(0.5, "Dirichlet concentration", gt=0, le=1e6)
+    classes_per_client: int = _key(2, "for `shards` and `sort-and-deal`", ge=1, le=100_000)
+    local_test_fraction: float = _key(0.0, "held-out share of each client's data", ge=0, lt=1)
+    min_size: int = _key(1, "minimum samples per client (Dirichlet, natural)", ge=0, le=10**9)
 
 
 @dataclass
 class ModelConfig:
     """Which model of the zoo; ``hidden`` = 0 keeps the paper's width."""
 
-    name: str = "fc"
-    hidden: int = 0
+    name: str = _key("fc", "model of the zoo (see `fedprune models`)", flag="--model")
+    hidden: int = _key(
+        0, "hidden width where the paper has one (0 = paper default; sizes memory)", ge=0, le=4096
+    )
 
 
 @dataclass
 class TrainConfig:
     """Local training on each client."""
 
-    local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    lr_decay: float = 1.0
-    """Multiplicative per-round decay: round r trains with ``lr * lr_decay**(r-1)``."""
+    local_epochs: int = _key(2, "local epochs per round", ge=1, le=10_000, flag="--local-epochs")
+    batch_size: int = _key(
+        32, "local batch size (sizes memory)", ge=1, le=65_536, flag="--batch-size"
+    )
+    lr: float = _key(0.1, "client learning rate", gt=0, le=1000, flag="--lr")
+    optimizer: str = _key("sgd", "`sgd` or `adam` (fresh each round)", choices=("sgd", "adam"))
+    momentum: float = _key(0.0, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _key(0.0, "L2 weight decay", ge=0, le=10)
+    lr_decay: float = _key(1.0, "round r trains with `lr * lr_decay**(r-1)`", gt=0, le=1)
 
 
 @dataclass
 class FederationConfig:
     """The server's round loop."""
 
-    rounds: int = 20
-    clients_per_round: float = 0
-    """A count (>= 1), a fraction of the clients (in (0, 1)), or 0 for all clients."""
-    aggregation: str = "fedavg"
-    """``fedavg``, ``fedavgm`` (server momentum, as in AutoFLIP), or the robust
-    coordinate-wise ``median`` / ``trimmed_mean`` (unweighted)."""
-    server_momentum: float = 0.9
-    trim_fraction: float = 0.1
-    """``trimmed_mean``: drop this fraction of the largest and smallest values per entry."""
-    eval_every: int = 1
-    local_eval: bool = False
-    min_clients: int = 1
-    """A round needs at least this many sound replies; otherwise it is retried."""
-    max_retries: int = 2
-    """Retries of a round (each with a fresh client sample) before the run stops."""
+    rounds: int = _key(20, "federated rounds", ge=1, le=_BIG, flag="--rounds")
+    clients_per_round: float = _key(
+        0,
+        "a count (>= 1), a fraction of the clients (< 1), or 0 for all",
+        ge=0,
+        le=MAX_CLIENTS,
+        flag="--clients-per-round",
+    )
+    aggregation: str = _key(
+        "fedavg",
+        "`fedavg`, `fedavgm` (server momentum), or the robust coordinate-wise, unweighted "
+        "`median` / `trimmed_mean`",
+        choices=("fedavg", "fedavgm", "median", "trimmed_mean"),
+    )
+    server_momentum: float = _key(0.9, "beta of FedAvgM", ge=0, lt=1)
+    trim_fraction: float = _key(
+        0.1, "`trimmed_mean`: share of largest and smallest values dropped per entry", ge=0, lt=0.5
+    )
+    eval_every: int = _key(
+        1, "evaluate the global model every k rounds (and the last)", ge=1, le=_BIG
+    )
+    local_eval: bool = _key(False, "also evaluate on the clients' local test splits")
+    min_clients: int = _key(
+        1,
+        "a round needs this many accepted replies (sound, passing validation), else it is "
+        "retried with a fresh sample",
+        ge=1,
+        le=MAX_CLIENTS,
+    )
+    max_retries: int = _key(
+        2, "retries of a round before the run stops (exit 1, finished rounds kept)", ge=0, le=1000
+    )
 
 
 @dataclass
 class PruningConfig:
     """Magnitude-pruning schedule shared by FedSparsify and the schedule-based baselines."""
 
-    final_sparsity: float = 0.8
-    initial_sparsity: float = 0.0
-    start_round: int = 1
-    frequency: int = 1
-    exponent: float = 3.0
-    schedule: str = "polynomial"
-    nnz_rate: float = 0.02
-    scope: str = "weights"
-    per_layer: bool = False
-    merge: str = "majority"
-    prune_round: int = 0
-    """OMP: the round after which the one-shot prune happens (0 = 90% of the rounds)."""
-    readjust_every: int = 50
+    final_sparsity: float = _key(0.8, "target sparsity at the last round", ge=0, lt=1)
+    initial_sparsity: float = _key(0.0, "s_0 of the schedule (<= final_sparsity)", ge=0, lt=1)
+    start_round: int = _key(1, "t_0: first pruning round", ge=1, le=_BIG)
+    frequency: int = _key(1, "prune every f rounds", ge=1, le=_BIG)
+    exponent: float = _key(3.0, "e of the polynomial schedule", gt=0, le=100)
+    schedule: str = _key(
+        "polynomial",
+        "or `nnz_rate` (remove `pruning.nnz_rate` of the non-zeros every f rounds)",
+        choices=("polynomial", "nnz_rate"),
+    )
+    nnz_rate: float = _key(0.02, "`nnz_rate` schedule: share of the non-zeros removed", gt=0, lt=1)
+    scope: str = _key(
+        "weights",
+        "`weights` (conv/linear weights) or `all` (every trainable tensor)",
+        choices=("weights", "all"),
+    )
+    per_layer: bool = _key(False, "one magnitude threshold per tensor instead of one global")
+    merge: str = _key(
+        "majority",
+        "fedsparsify-local merge",
+        choices=("majority", "majority_nnz", "nnz_average"),
+    )
+    prune_round: int = _key(0, "OMP: prune after this round (0 = 90% of the rounds)", ge=0, le=_BIG)
+    readjust_every: int = _key(50, "PruneFL: mask readjustment period", ge=1, le=_BIG)
 
 
 @dataclass
 class ValidationConfig:
     """Checks every client update must pass before aggregation."""
 
-    max_update_norm: float = 0.0
-    """Reject updates whose L2 norm (reply minus global) exceeds this; 0 = no bound."""
-    max_examples: int = 0
-    """Reject sample counts above this; 0 = no bound (2**31 - 1)."""
-    check_mask: bool = True
-    """Reject non-zero values at positions the global mask prunes."""
-
-
-@dataclass
-class StructuredConfig:
-    """Automatic structured pruning (``autostructured``): the band rule and when it runs."""
-
-    k: float = 2.0
-    """Keep filters whose L1 norm lies within mean +- k * std of their layer."""
-    two_sided: bool = True
-    """Drop both tails (the paper); false drops only unusually small filters."""
-    patience: int = 3
-    """Stop pruning after this many consecutive rejected proposals."""
-    max_prune_round: int = 50
-    """No pruning after this round (training goes on to the last round)."""
-    start_round: int = 1
-    """First round after whose aggregation a proposal is made."""
-    inherit_weights: bool = True
-    """Surviving filters keep their weights; false re-initialises the shrunk model."""
+    max_update_norm: float = _key(
+        0.0,
+        "reject updates whose L2 norm (reply - global) exceeds this (0 = no bound)",
+        ge=0,
+        le=1e30,
+    )
+    max_examples: int = _key(
+        0, "reject sample counts above this (0 = no bound, i.e. 2**31-1)", ge=0, le=2**31 - 1
+    )
+    check_mask: bool = _key(True, "reject non-zero values at positions the global mask prunes")
 
 
 @dataclass
 class EngineConfig:
     """How rounds are executed and payloads are encoded."""
 
-    name: str = "inprocess"
-    workers: int = 1
-    """In-process engine: train clients in this many worker processes (1 = in the main one)."""
-    fp16: bool = False
-    """Send floating-point values as float16 on the wire (lossy)."""
-    tensorboard: bool = False
-    """Also log each round's metrics to ``RUN_DIR/tensorboard`` (needs tensorboard)."""
-    fail_rate: float = 0.0
-    """Failure injection for tests and benchmarks: each sampled client of a round fails
-    (raises) with this probability, decided by a seeded draw per (round, client)."""
-    checkpoint: bool = True
-    """Write ``RUN_DIR/checkpoint.safetensors`` atomically after every round (what
-    ``fedprune run --resume RUN_DIR`` continues from)."""
-    threads: int = 1
-    """torch threads of the main process (0 = torch's default). One thread per process is
-    the fast setting on small CPU machines; use ``workers`` to occupy more cores."""
+    name: str = _key("inprocess", "`inprocess` or `flower`", choices=ENGINES, flag="--engine")
+    workers: int = _key(
+        1, "in-process engine: train clients in this many processes", ge=1, le=64, flag="--workers"
+    )
+    fp16: bool = _key(False, "send float values as float16 on the wire (lossy)")
+    tensorboard: bool = _key(
+        False, "also log each round to `RUN_DIR/tensorboard` (needs tensorboard)"
+    )
+    fail_rate: float = _key(
+        0.0,
+        "failure injection: each sampled client of a round fails with this probability (seeded)",
+        ge=0,
+        lt=1,
+    )
+    checkpoint: bool = _key(
+        True, "write `RUN_DIR/checkpoint.safetensors` after every round (for `--resume`)"
+    )
+    threads: int = _key(1, "torch threads of the main process (0 = torch's default)", ge=0, le=256)
 
 
-@dataclass
-class AutoFlipConfig:
-    """AutoFLIP (methods.md §2): loss exploration, guidance-driven hybrid pruning."""
-
-    explore_fraction: float = 1.0
-    """Fraction of the clients that explore (seeded choice; at least one)."""
-    explore_epochs: int = 150
-    """Most local epochs of an explorer (the paper's 150)."""
-    explore_patience: int = 40
-    """Stop exploring after this many epochs without a lower mean training loss."""
-    explore_lr: float = 0.0
-    """Learning rate of exploration (``train.optimizer``); 0 = ``train.lr``."""
-    threshold: float = 0.3
-    """``T_p``: the quantile of normalised guidance (and of unit scores) that is pruned."""
-    structured: bool = True
-    """Also remove whole low-guidance units (filters, hidden neurons) physically."""
-    regrow: bool = False
-    """Each round's mask replaces the one in force; else monotone within the T_p budget."""
-    refresh: bool = True
-    """Recompute the unstructured mask every round from the participants' guidance."""
-    normalisation: str = "minmax"
-    """Per-tensor scaling of the guidance: ``minmax`` or ``robust`` ((G - median) / IQR)."""
+def _default_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in registry.sections().items()}
 
 
 @dataclass
 class RunConfig:
-    """The whole configuration of one run."""
+    """The whole configuration of one run.
 
-    method: str = "fedsparsify-global"
-    seed: int = 0
-    out: str = "runs"
-    name: str = ""
+    The core sections are fields; each registered method's own section (``autoflip``,
+    ``structured``, a plugin's) lives in :attr:`sections` and is reached as
+    ``cfg.section(name)`` (``cfg.autoflip`` and ``cfg.structured`` for the built-ins).
+    """
+
+    method: str = _key(
+        "fedsparsify-global", "registered method (see `fedprune methods`)", flag="--method"
+    )
+    seed: int = _key(
+        0,
+        "fixes partitions, client sampling, initialisation and training",
+        ge=0,
+        le=MAX_INT64,
+        flag="--seed",
+    )
+    out: str = _key("runs", "folder the run directory goes into", flag="--out")
+    name: str = _key(
+        "",
+        "run directory name, one path component (empty: METHOD_DATASET_MODEL_TIME)",
+        flag="--name",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    structured: StructuredConfig = field(default_factory=StructuredConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    autoflip: AutoFlipConfig = field(default_factory=AutoFlipConfig)
+    sections: dict[str, Any] = field(default_factory=_default_sections)
+
+    def section(self, name: str) -> Any:
+        """A method section by name (created with its defaults if missing)."""
+        sec = self.sections.get(name)
+        if sec is None:
+            cls = registry.sections().get(name)
+            if cls is None:
+                raise ConfigError(f"no config section {name!r} is registered")
+            sec = self.sections[name] = cls()
+        return sec
+
+    @property
+    def structured(self) -> StructuredConfig:
+        """``[structured]``: the autostructured method's section."""
+        sec: StructuredConfig = self.section("structured")
+        return sec
+
+    @property
+    def autoflip(self) -> AutoFlipConfig:
+        """``[autoflip]``: AutoFLIP's section."""
+        sec: AutoFlipConfig = self.section("autoflip")
+        return sec
 
     def validate(self) -> RunConfig:
         """Check every value that can be checked without loading data; return ``self``."""
-        _check_choice("method", self.method, METHODS)
-        _check_choice("engine.name", self.engine.name, ENGINES)
-        _check_choice("train.optimizer", self.train.optimizer, ("sgd", "adam"))
-        _check_choice(
-            "federation.aggregation",
-            self.federation.aggregation,
-            ("fedavg", "fedavgm", "median", "trimmed_mean"),
-        )
-        _check_choice("pruning.schedule", self.pruning.schedule, ("polynomial", "nnz_rate"))
-        _check_choice("pruning.scope", self.pruning.scope, ("weights", "all"))
-        _check_choice(
-            "pruning.merge", self.pruning.merge, ("majority", "majority_nnz", "nnz_average")
-        )
-        _check(self.data.num_clients >= 1, "data.num_clients", "must be >= 1")
-        _check(self.data.alpha > 0, "data.alpha", "must be > 0")
-        _check(self.data.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
-        _check(
-            0.0 <= self.data.local_test_fraction < 1.0,
-            "data.local_test_fraction",
-            "must be in [0, 1)",
-        )
-        _check(self.model.hidden >= 0, "model.hidden", "must be >= 0 (0 = paper default)")
-        _check(self.train.local_epochs >= 1, "train.local_epochs", "must be >= 1")
-        _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.train.lr > 0, "train.lr", "must be > 0")
-        _check(self.train.momentum >= 0, "train.momentum", "must be >= 0")
-        _check(self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(0 < self.train.lr_decay <= 1, "train.lr_decay", "must be in (0, 1]")
-        _check(self.federation.rounds >= 1, "federation.rounds", "must be >= 1")
+        registry.get_method(self.method)
+        check_name("name", self.name)
+        for f in fields(self):
+            if f.name == "sections":
+                continue
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                validate_section(value, f"{f.name}.")
+            elif (spec := spec_of(f)) is not None:
+                check_value(f.name, value, spec)
+        for name, sec in self.sections.items():
+            validate_section(sec, f"{name}.")
+            extra = getattr(sec, "validate", None)
+            if callable(extra):
+                extra(self)
         cpr = self.federation.clients_per_round
-        _check(cpr >= 0, "federation.clients_per_round", "must be >= 0 (a count, a fraction or 0)")
         if cpr >= 1:
             _check(
                 float(cpr).is_integer(),
@@ -261,55 +305,17 @@ class RunConfig:
                 f"is {int(cpr)} but there are only {self.data.num_clients} clients",
             )
         _check(
-            0 <= self.federation.server_momentum < 1,
-            "federation.server_momentum",
-            "must be in [0, 1)",
-        )
-        _check(self.federation.eval_every >= 1, "federation.eval_every", "must be >= 1")
-        _check(self.federation.min_clients >= 1, "federation.min_clients", "must be >= 1")
-        _check(
             self.federation.min_clients <= self.clients_per_round(),
             "federation.min_clients",
             f"is {self.federation.min_clients} but only {self.clients_per_round()} clients "
             "are sampled per round",
         )
-        _check(self.federation.max_retries >= 0, "federation.max_retries", "must be >= 0")
-        _check(0 <= self.engine.fail_rate < 1, "engine.fail_rate", "must be in [0, 1)")
-        _check(
-            0 <= self.federation.trim_fraction < 0.5,
-            "federation.trim_fraction",
-            "must be in [0, 0.5)",
-        )
-        _check(self.validation.max_update_norm >= 0, "validation.max_update_norm", "must be >= 0")
-        _check(self.validation.max_examples >= 0, "validation.max_examples", "must be >= 0")
         p = self.pruning
-        _check(0.0 <= p.final_sparsity < 1.0, "pruning.final_sparsity", "must be in [0, 1)")
-        _check(0.0 <= p.initial_sparsity < 1.0, "pruning.initial_sparsity", "must be in [0, 1)")
         _check(
             p.initial_sparsity <= p.final_sparsity,
             "pruning.initial_sparsity",
             "must be <= pruning.final_sparsity",
         )
-        _check(p.start_round >= 1, "pruning.start_round", "must be >= 1")
-        _check(p.frequency >= 1, "pruning.frequency", "must be >= 1")
-        _check(p.exponent > 0, "pruning.exponent", "must be > 0")
-        _check(0 < p.nnz_rate < 1, "pruning.nnz_rate", "must be in (0, 1)")
-        _check(p.prune_round >= 0, "pruning.prune_round", "must be >= 0")
-        _check(p.readjust_every >= 1, "pruning.readjust_every", "must be >= 1")
-        st = self.structured
-        _check(st.k > 0, "structured.k", "must be > 0")
-        _check(st.patience >= 1, "structured.patience", "must be >= 1")
-        _check(st.max_prune_round >= 0, "structured.max_prune_round", "must be >= 0")
-        _check(st.start_round >= 1, "structured.start_round", "must be >= 1")
-        _check(self.engine.workers >= 1, "engine.workers", "must be >= 1")
-        _check(self.engine.threads >= 0, "engine.threads", "must be >= 0")
-        af = self.autoflip
-        _check(0 < af.explore_fraction <= 1, "autoflip.explore_fraction", "must be in (0, 1]")
-        _check(af.explore_epochs >= 1, "autoflip.explore_epochs", "must be >= 1")
-        _check(af.explore_patience >= 1, "autoflip.explore_patience", "must be >= 1")
-        _check(af.explore_lr >= 0, "autoflip.explore_lr", "must be >= 0 (0 = train.lr)")
-        _check(0 <= af.threshold < 1, "autoflip.threshold", "must be in [0, 1)")
-        _check_choice("autoflip.normalisation", af.normalisation, ("minmax", "robust"))
         return self
 
     def clients_per_round(self) -> int:
@@ -322,39 +328,66 @@ class RunConfig:
         return max(1, int(cpr * self.data.num_clients))
 
 
+def check_name(key_name: str, value: str, *, allow_empty: bool = True) -> None:
+    """A run or comparison name must be one safe path component (no separators, no '..')."""
+    if value == "" and allow_empty:
+        return
+    if not _NAME.match(value):
+        raise ConfigError(
+            f"{key_name} must be one path component of letters, digits and ._+=@,- "
+            f"(at most 128, not starting with '.' or '-'), got {elide(repr(value), 60)}"
+        )
+
+
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key} {why}")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: unknown value {value!r}{hint}; choose from {', '.join(choices)}")
-
-
 # --------------------------------------------------------------------------- loading
 
 
-def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        t = hints[f.name]
-        if dataclasses.is_dataclass(t):
-            keys.extend(_all_keys(t, f"{prefix}{f.name}."))  # type: ignore[arg-type]
-        else:
-            keys.append(f"{prefix}{f.name}")
+def _all_keys() -> list[str]:
+    keys = [r.key for r in key_rows(RunConfig) if r.key != "sections"]
+    for name, cls in registry.sections().items():
+        keys.extend(r.key for r in key_rows(cls, f"{name}."))
     return keys
 
 
+def key_table() -> list[tuple[str, str, Any, str, str]]:
+    """(key, type, default, accepted values, meaning) for every key: the README's table."""
+    rows: list[tuple[str, str, Any, str, str]] = []
+    all_rows = [r for r in key_rows(RunConfig) if r.key != "sections"]
+    for name, cls in registry.sections().items():
+        all_rows.extend(key_rows(cls, f"{name}."))
+    for r in all_rows:
+        spec = r.spec
+        if spec is None:  # pragma: no cover - test_config keeps every key declared
+            rows.append((r.key, r.type, r.default, "", ""))
+            continue
+        if spec.choices is not None:
+            accepted = ", ".join(f"`{c}`" for c in spec.choices)
+        elif r.type == "bool":
+            accepted = "true, false"
+        elif r.type == "str":
+            accepted = "text"
+        else:
+            accepted = spec.range_text()
+        rows.append((r.key, r.type, r.default, accepted, spec.doc))
+    return rows
+
+
 def _unknown_key(key: str) -> ConfigError:
-    sections = sorted({k.split(".")[0] for k in _all_keys() if "." in k})
-    candidates = sections if "." not in key else _all_keys()
+    keys = _all_keys()
+    sections = sorted({k.split(".")[0] for k in keys if "." in k})
+    candidates = sections if "." not in key else keys
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {elide(repr(key), 60)}{hint}")
+
+
+def _show(value: Any) -> str:
+    return elide(repr(value), 40)
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -364,20 +397,25 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {_show(value)}")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {_show(value)}")
         if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {_show(value)}")
         return int(value)
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key} must be a finite number, got {_show(value)}") from None
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {_show(value)}")
+        if "\x00" in value or len(value) > 4096:
+            raise ConfigError(f"{key} must be a string without NUL of at most 4096 characters")
         return value
     if isinstance(typ, types.UnionType):  # pragma: no cover - no such fields yet
         return value
@@ -387,14 +425,20 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
+    top = isinstance(obj, RunConfig)
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in names:
+        if top and key not in names and key in registry.sections():
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a table of keys, got {_show(value)}")
+            _apply(obj.section(key), value, f"{full}.")
+            continue
+        if key not in names or (top and key == "sections"):
             raise _unknown_key(full)
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} must be a table of keys, got {value!r}")
+                raise ConfigError(f"{full} must be a table of keys, got {_show(value)}")
             _apply(getattr(obj, key), value, f"{full}.")
         else:
             if isinstance(value, dict):
@@ -412,11 +456,11 @@ def _parse_literal(text: str) -> Any:
 def parse_override(item: str) -> tuple[str, Any]:
     """Split ``section.key=value`` into the key and its parsed value."""
     if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_show(item)}")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_show(item)}")
     return key, _parse_literal(text.strip())
 
 
@@ -455,11 +499,13 @@ def load_config(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {elide(repr(str(p)), 100)} does not exist")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+            raise ConfigError(
+                f"config file {elide(repr(str(p)), 80)} is not valid TOML: {elide(str(exc), 80)}"
+            ) from None
         _apply(cfg, data)
     for item in overrides:
         key, value = parse_override(item)
@@ -471,8 +517,17 @@ def load_config(
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The configuration as nested plain dicts (TOML/JSON serialisable)."""
-    return dataclasses.asdict(cfg)
+    """The configuration as nested plain dicts (TOML/JSON serialisable).
+
+    Method sections appear as top-level tables beside the core ones, in registration order.
+    """
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "sections"}
+    out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+    for name in registry.sections():
+        out[name] = dataclasses.asdict(cfg.section(name))
+    for name, sec in cfg.sections.items():  # sections of methods no longer registered
+        out.setdefault(name, dataclasses.asdict(sec))
+    return out
 
 
 def config_to_toml(cfg: RunConfig) -> str:

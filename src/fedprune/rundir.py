@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedprune.config import RunConfig, config_to_toml
-from fedprune.errors import UserInputError
+from fedprune.config import RunConfig, check_name, config_to_toml
+from fedprune.errors import UserInputError, elide
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -52,18 +53,25 @@ def _clean(value: Any) -> Any:
 def make_run_dir(cfg: RunConfig) -> Path:
     """Create a fresh run directory under ``cfg.out`` and write ``config.toml``."""
     base = Path(cfg.out)
-    name = cfg.name or (
-        f"{cfg.method}_{cfg.data.dataset}_{cfg.model.name}_{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.name or re.sub(
+        r"[^A-Za-z0-9._+=@,-]",
+        "_",
+        f"{cfg.method}_{cfg.data.dataset}_{cfg.model.name}_{datetime.now():%Y%m%d-%H%M%S}",
     )
+    check_name("name", name, allow_empty=False)
     path = base / name
     suffix = 1
     while path.exists():
         suffix += 1
         path = base / f"{name}-{suffix}"
+    if path.resolve().parent != base.resolve():  # pragma: no cover - check_name forbids it
+        raise UserInputError(f"run directory {elide(repr(name), 60)} would lie outside --out")
     try:
         path.mkdir(parents=True)
     except OSError as exc:
-        raise UserInputError(f"cannot create run directory {str(path)!r}: {exc.strerror}") from None
+        raise UserInputError(
+            f"cannot create run directory {elide(repr(str(path)), 100)}: {exc.strerror}"
+        ) from None
     (path / CONFIG).write_text(config_to_toml(cfg), encoding="utf-8")
     return path
 

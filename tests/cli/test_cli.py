@@ -21,7 +21,7 @@ def test_run_writes_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     ("args", "needle"),
     [
         (["run", "--set", "pruning.final_sparsty=0.9"], "did you mean 'pruning.final_sparsity'"),
-        (["run", "--set", "train.lr=-1"], "train.lr must be > 0"),
+        (["run", "--set", "train.lr=-1"], "train.lr must be in (0, 1000]"),
         (["run", "--method", "nope"], "method: unknown value 'nope'"),
         (["run", "--model", "resnet99"], "resnet99"),
         (["run", "--dataset", "mnist", "--data-dir", "/nonexistent/folder"], "mnist"),

@@ -22,6 +22,7 @@ from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_nu
 from fedprune.core.sampling import derive_seed, sample_clients
 from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
+from fedprune.errors import elide
 from fedprune.methods.base import ClientReply
 
 if TYPE_CHECKING:
@@ -44,6 +45,29 @@ FAIL_TASK = "fit:injected-failure"
 
 class InjectedFailure(RuntimeError):
     """A client failure injected by ``engine.fail_rate``."""
+
+
+def round_failed_message(
+    rnd: int,
+    min_clients: int,
+    attempts: int,
+    failures: Mapping[int, str],
+    rejections: Mapping[int, str],
+) -> str:
+    """One short line saying why a round could not get enough accepted replies."""
+    parts = []
+    if failures:
+        parts.append(f"{len(failures)} failed")
+    if rejections:
+        reasons = list(rejections.values())
+        common = max(set(reasons), key=reasons.count)
+        parts.append(f"{len(rejections)} rejected: {elide(common, 40)}")
+    why = f" ({'; '.join(parts)})" if parts else ""
+    tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    return (
+        f"round {rnd}: fewer than federation.min_clients={min_clients} accepted replies in "
+        f"{tries}{why}; the {rnd - 1} finished rounds are saved"
+    )
 
 
 def injected_failure(fail_rate: float, attempt_seed: int, cid: int) -> bool:

@@ -30,6 +30,7 @@ from fedprune.engines.common import (
     Resume,
     RoundAccounting,
     RoundCallback,
+    round_failed_message,
 )
 from fedprune.errors import RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
@@ -162,29 +163,41 @@ class InProcessEngine:
                 out[cid] = buf
         return out
 
-    def _train_round(self, rnd: int) -> tuple[list[int], list[ClientReply], dict[int, str], int]:
-        """Sample and train; retry with a fresh sample while too few clients answer."""
+    def _train_round(
+        self, rnd: int
+    ) -> tuple[list[int], list[ClientReply], dict[int, str], dict[int, str], int]:
+        """Sample, train and validate; retry with a fresh sample while fewer than
+        ``federation.min_clients`` replies are accepted (sound and passing validation).
+
+        Returns the sampled clients, the accepted replies, the clients dropped
+        (``{cid: reason}``), the rejected replies (``{cid: reason}``) and the attempts.
+        """
         cfg = self.cfg.federation
         failures: dict[int, str] = {}
+        rejections: dict[int, str] = {}
         for attempt in range(1, cfg.max_retries + 2):
             cids, fail = self.accounting.draw(rnd, attempt)
             self.failures = {}
             with self.timer.phase("train"):
                 replies = self.exchange("fit", self.server.configure_fit(rnd, cids), fail)
             failures.update(self.failures)
-            if len(replies) >= cfg.min_clients:
-                return cids, replies, failures, attempt
+            with self.timer.phase("aggregate"):
+                sound, rejected = self.server.validate(replies)
+            rejections.update(rejected)
+            if len(sound) >= cfg.min_clients:
+                return cids, sound, failures, rejections, attempt
             log.warning(
-                "round %d: %d of %d clients answered (federation.min_clients=%d); attempt %d",
+                "round %d: %d of %d clients answered, %d accepted (federation.min_clients=%d); "
+                "attempt %d",
                 rnd,
                 len(replies),
                 len(cids),
+                len(sound),
                 cfg.min_clients,
                 attempt,
             )
         raise RoundFailedError(
-            f"round {rnd}: fewer than federation.min_clients={cfg.min_clients} clients answered "
-            f"in {cfg.max_retries + 1} attempts; the {rnd - 1} finished rounds are saved"
+            round_failed_message(rnd, cfg.min_clients, cfg.max_retries + 1, failures, rejections)
         )
 
     def close(self) -> None:
@@ -220,9 +233,9 @@ class InProcessEngine:
             for rnd in range(len(records) + 1, self.cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
-                cids, replies, failures, attempts = self._train_round(rnd)
+                cids, replies, failures, rejections, attempts = self._train_round(rnd)
                 with self.timer.phase("aggregate"):
-                    extra = self.server.aggregate_fit(rnd, replies)
+                    extra = self.server.aggregate_fit(rnd, replies, rejections)
                 rec = self.accounting.record(
                     rnd, cids, replies, extra, self.server.model, failures, attempts
                 )

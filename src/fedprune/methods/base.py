@@ -207,14 +207,24 @@ class ServerMethod:
         payload = Payload(arrays=arrays, config=self.round_config(rnd))
         return dict.fromkeys(cids, payload)
 
-    def aggregate_fit(self, rnd: int, replies: list[ClientReply]) -> dict[str, Any]:
+    def aggregate_fit(
+        self,
+        rnd: int,
+        replies: list[ClientReply],
+        rejections: dict[int, str] | None = None,
+    ) -> dict[str, Any]:
         """Validate the replies, aggregate the sound ones into the new global model.
 
         Returns extra metrics for the round's record: the method's own, plus
         ``rejected`` (count) and ``rejections`` (``{cid: reason}``) when any reply
-        failed :func:`~fedprune.core.validation.validate_reply`.
+        failed :func:`~fedprune.core.validation.validate_reply`. An engine that already
+        split the replies with :meth:`validate` (to count accepted replies toward
+        ``federation.min_clients``) passes the sound ones and its ``rejections``.
         """
-        sound, rejections = self.validate(replies)
+        if rejections is None:
+            sound, rejections = self.validate(replies)
+        else:
+            sound = replies
         metrics: dict[str, Any] = {"rejected": len(rejections)}
         if rejections:
             metrics["rejections"] = rejections

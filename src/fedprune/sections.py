@@ -1,0 +1,60 @@
+"""Config sections of the built-in methods that have a section of their own.
+
+A method's section is a dataclass of :func:`fedprune.params.key` fields; the method's
+registration (``fedprune.registry``) names it, and ``[section]`` in a config file or
+``--set section.key=value`` then reaches it. These live here, not in the method modules,
+so reading a configuration never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedprune.params import key
+
+_BIG = 1_000_000
+
+
+@dataclass
+class StructuredConfig:
+    """Automatic structured pruning (``autostructured``): the band rule and when it runs."""
+
+    k: float = key(
+        2.0, "keep filters whose L1 norm lies within mean ± k·std of their layer", gt=0, le=100
+    )
+    two_sided: bool = key(True, "drop both tails (the paper); false: only unusually small filters")
+    patience: int = key(3, "stop proposing after this many rejected proposals", ge=1, le=_BIG)
+    max_prune_round: int = key(
+        50, "no proposals after this round (training continues)", ge=0, le=_BIG
+    )
+    start_round: int = key(1, "first round after which a proposal is made", ge=1, le=_BIG)
+    inherit_weights: bool = key(
+        True, "surviving filters keep their weights; false re-initialises (the authors' code)"
+    )
+
+
+@dataclass
+class AutoFlipConfig:
+    """AutoFLIP (methods.md §2): loss exploration, guidance-driven hybrid pruning."""
+
+    explore_fraction: float = key(
+        1.0, "share of clients that explore before round 1 (seeded; at least one)", gt=0, le=1
+    )
+    explore_epochs: int = key(150, "most local epochs of an explorer", ge=1, le=100_000)
+    explore_patience: int = key(
+        40, "stop exploring after this many epochs without a lower training loss", ge=1, le=100_000
+    )
+    explore_lr: float = key(0.0, "exploration learning rate (0 = train.lr)", ge=0, le=1000)
+    threshold: float = key(
+        0.3, "T_p: quantile of normalised guidance (and of unit scores) that is pruned", ge=0, lt=1
+    )
+    structured: bool = key(True, "also remove whole low-guidance units physically")
+    regrow: bool = key(
+        False, "each round's mask replaces the one in force; else monotone within the T_p budget"
+    )
+    refresh: bool = key(True, "recompute the unstructured mask every round from the guidance")
+    normalisation: str = key(
+        "minmax",
+        "per-tensor scaling of the guidance (robust: median/IQR)",
+        choices=("minmax", "robust"),
+    )
