@@ -243,9 +243,12 @@ def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
 def make_engine(run: PreparedRun) -> Any:
     """The configured engine for a prepared run."""
     if run.cfg.engine.name == "flower":
-        from fedprune.engines.flower import FlowerSimulationEngine  # optional dependency
+        # optional dependency; each Ray actor loads its own federation with this module's
+        # loader (the engine never imports fedprune.experiment)
+        from fedprune.engines.flower import FactoryClientBuilder, FlowerSimulationEngine
 
-        return FlowerSimulationEngine(run.cfg, run.fed, run.server, run.client_factory)
+        build_client = FactoryClientBuilder(load_federation, run.client_factory)
+        return FlowerSimulationEngine(run.cfg, run.fed, run.server, build_client)
     return InProcessEngine(run.cfg, run.fed, run.server, run.client_factory)
 
 

@@ -35,11 +35,10 @@ from fedprune.engines.flower import (
     FedpruneStrategy,
     FlowerEngineError,
     FlowerOptions,
-    _content,
     config_from_run_config,
     decode_content,
     encode_for_flower,
-    make_client_app,
+    make_content,
     run_config_defaults,
     run_config_from_config,
 )
@@ -53,6 +52,7 @@ from fedprune.experiment import (
     prepare_run,
     run_experiment,
 )
+from fedprune.flower_app import make_client_app
 from fedprune.methods.registry import get_method, list_methods
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def _payload() -> Payload:
 def test_wire_carries_the_codec_buffers_and_counts_their_length() -> None:
     p = _payload()
     enc = encode_for_flower(p)
-    content = _content(enc, "fit")
+    content = make_content(enc, "fit")
     arrays = content[ARRAYS_KEY]
     assert isinstance(arrays, ArrayRecord)
     # one Array per tensor, byte for byte the codec's per-tensor buffers
@@ -106,7 +106,7 @@ def test_wire_carries_the_codec_buffers_and_counts_their_length() -> None:
 
 
 def _tampered(kind: str) -> RecordDict:
-    content = _content(encode_for_flower(_payload()), "fit")
+    content = make_content(encode_for_flower(_payload()), "fit")
     arrays = content[ARRAYS_KEY]
     assert isinstance(arrays, ArrayRecord)
     a = arrays["fc.bias"]
@@ -398,7 +398,7 @@ def test_server_app_resumes_a_run_with_flower_resume(
 ) -> None:
     """The deployed ServerApp: stopped after round 2's record, then started again with
     ``flower.resume``; it finishes the run like an uninterrupted in-process run."""
-    from fedprune.engines.flower import make_server_app
+    from fedprune.flower_app import make_server_app
 
     keys = {
         "out": str(tmp_path),

@@ -1,0 +1,402 @@
+"""The Flower ``Strategy`` that drives a fedprune server half.
+
+Nothing here re-implements a method: :class:`FedpruneStrategy` drives any
+:class:`~fedprune.methods.base.ServerMethod` and moves codec buffers
+(:mod:`fedprune.engines.flower.wire`) inside Flower ``Message`` objects. It samples,
+counts, times and records rounds with the code the in-process engine uses
+(:class:`~fedprune.engines.common.RoundAccounting`).
+
+Client ``i`` of the federation is the SuperNode whose node config has
+``partition-id = i`` (``num-partitions`` must equal the number of clients; the
+simulation runtime sets both). Before round 1 the strategy sends every node a
+``query`` message and builds the client-to-node map from the replies
+(:meth:`FedpruneStrategy.discover`). Sampling is the in-process engine's
+(:meth:`~fedprune.engines.common.RoundAccounting.draw`), so both engines train the same
+clients in the same rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedprune.config import RunConfig
+from fedprune.core.codec import Payload
+from fedprune.data.federation import Federation
+from fedprune.engines.common import (
+    FAIL_TASK,
+    CheckpointFn,
+    Resume,
+    RoundAccounting,
+    RoundCallback,
+)
+from fedprune.engines.flower.grid import PollingGrid
+from fedprune.engines.flower.runconfig import FlowerOptions
+from fedprune.engines.flower.wire import (
+    NODE_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    EncodedPayload,
+    FlowerEngineError,
+    content_nbytes,
+    decode_content,
+    encode_for_flower,
+    make_content,
+)
+from fedprune.errors import DecodeError, RoundFailedError
+from fedprune.methods.base import ClientReply, ServerMethod
+
+__all__ = ["FedpruneStrategy"]
+
+_LOG = logging.getLogger("flwr.fedprune")
+
+
+def _numeric_metrics(rec: Mapping[str, Any]) -> MetricRecord:
+    out: dict[str, int | float] = {}
+    for k, v in rec.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            continue
+        out[k] = v
+    return MetricRecord(out)  # type: ignore[arg-type]
+
+
+class FedpruneStrategy(Strategy):
+    """A Flower strategy that drives a fedprune server half.
+
+    It is also the server half's :class:`~fedprune.methods.base.FederatedIO`: setup
+    phases exchange messages through :meth:`exchange`. Records are built and counted
+    exactly as in the in-process engine.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration.
+    fed
+        The federation (the server uses the global test set and the client count).
+    server
+        The method's server half, holding the initial global model.
+    on_round
+        Called with each round's record as soon as it exists.
+    options
+        Timeouts.
+    resume
+        Continue after ``resume.round`` (the server half already restored).
+    checkpoint
+        Called after each round (after ``on_round``) with the round, the records and the
+        engine state.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        fed: Federation,
+        server: ServerMethod,
+        *,
+        on_round: RoundCallback | None = None,
+        options: FlowerOptions | None = None,
+        resume: Resume | None = None,
+        checkpoint: CheckpointFn | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.fed = fed
+        self.server = server
+        self.on_round = on_round
+        self.options = options or FlowerOptions()
+        self.num_clients = len(fed.clients)
+        self.accounting = RoundAccounting(cfg, fed, server.model)
+        self.resume = resume
+        self.checkpoint = checkpoint
+        self.records: list[dict[str, Any]] = []
+        self._offset = 0
+        """Rounds finished before this process started (Flower counts from 1 again)."""
+        self.node_of: dict[int, int] = {}
+        """Client id -> SuperNode id."""
+        self._cid_of: dict[int, int] = {}
+        self._grid: Grid | None = None
+        self._t_start = 0.0
+        self._t_round = 0.0
+        self._t_train = 0.0
+        self._cids: list[int] = []
+        self._drops: dict[int, str] = {}
+
+    # -- Flower Strategy --------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        cfg = self.cfg
+        _LOG.info(
+            "\t├── fedprune method %s: %d clients, %d per round, %d rounds",
+            cfg.method,
+            self.num_clients,
+            cfg.clients_per_round(),
+            cfg.federation.rounds,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample this round's clients and build one message per client."""
+        rnd = server_round + self._offset
+        self._t_round = time.perf_counter()
+        self.accounting.begin_round(rnd)
+        self._t_train = time.perf_counter()
+        return self._fit_messages(rnd, 1)
+
+    def _fit_messages(self, rnd: int, attempt: int) -> list[Message]:
+        """Sample the clients of this attempt and build their messages (some set to
+        fail on purpose by ``engine.fail_rate``)."""
+        self._cids, fail = self.accounting.draw(rnd, attempt)
+        payloads = self.server.configure_fit(rnd, self._cids)
+        return self._messages("fit", payloads, f"{rnd}.{attempt}", fail)
+
+    def _retry_until_enough(
+        self, rnd: int, decoded: list[ClientReply]
+    ) -> tuple[list[ClientReply], dict[int, str], int]:
+        """Resample while fewer than ``federation.min_clients`` replies are usable.
+
+        Raises
+        ------
+        RoundFailedError
+            Still too few after ``federation.max_retries`` retries.
+        """
+        fed_cfg = self.cfg.federation
+        drops = dict(self._drops)
+        attempt = 1
+        while len(decoded) < fed_cfg.min_clients:
+            if attempt > fed_cfg.max_retries or self._grid is None:
+                raise RoundFailedError(
+                    f"round {rnd}: fewer than federation.min_clients={fed_cfg.min_clients} "
+                    f"clients answered in {attempt} attempts; the {rnd - 1} finished rounds "
+                    "are saved"
+                )
+            _LOG.warning(
+                "fedprune round %d: %d of %d clients answered (federation.min_clients=%d); "
+                "attempt %d",
+                rnd,
+                len(decoded),
+                len(self._cids),
+                fed_cfg.min_clients,
+                attempt,
+            )
+            attempt += 1
+            messages = self._fit_messages(rnd, attempt)
+            replies = self._grid.send_and_receive(messages, timeout=self.options.round_timeout)
+            decoded = self._decode_replies("fit", replies, self._cids)
+            drops.update(self._drops)
+        return decoded, drops, attempt
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the replies, let the server half aggregate, record the round."""
+        rnd = server_round + self._offset
+        acct = self.accounting
+        decoded = self._decode_replies("fit", replies, self._cids)
+        decoded, drops, attempts = self._retry_until_enough(rnd, decoded)
+        acct.timer.seconds["train"] = (
+            acct.timer.seconds.get("train", 0.0) + time.perf_counter() - self._t_train
+        )
+        with acct.timer.phase("aggregate"):
+            extra = self.server.aggregate_fit(rnd, decoded)
+        rec = acct.record(rnd, self._cids, decoded, extra, self.server.model, drops, attempts)
+        acct.finish_round(
+            rec,
+            self.records,
+            t_round=self._t_round,
+            t_start=self._t_start,
+            on_round=self.on_round,
+            checkpoint=self.checkpoint,
+        )
+        _LOG.info(
+            "fedprune round %d: accuracy %s, sparsity %.3f, %d B up, %d B down",
+            rnd,
+            rec.get("test_accuracy"),
+            rec["sparsity"],
+            rec["bytes_up"],
+            rec["bytes_down"],
+        )
+        return None, _numeric_metrics(rec)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates on the global test set."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    # -- FederatedIO ------------------------------------------------------------------
+    def exchange(self, task: str, payloads: Mapping[int, Payload]) -> list[ClientReply]:
+        """Send ``payloads[cid]`` with ``task`` to each client's node; return the replies."""
+        if self._grid is None:
+            raise RuntimeError("exchange() is only available while the strategy runs")
+        messages = self._messages(task, payloads, f"setup-{task}")
+        replies = self._grid.send_and_receive(messages, timeout=self.options.round_timeout)
+        return self._decode_replies(task, replies, list(payloads))
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self, grid: Grid) -> list[dict[str, Any]]:
+        """Map clients to nodes, run the setup phase and every round; return the records."""
+        grid = PollingGrid(grid, self.options.poll_interval)
+        self._grid = grid
+        self._t_start = time.perf_counter()
+        try:
+            self.discover(grid)
+            self.records = self.accounting.start(self.server, self, self.resume)
+            self._offset = len(self.records)
+            remaining = self.cfg.federation.rounds - self._offset
+            if remaining > 0:
+                self.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(),
+                    num_rounds=remaining,
+                    timeout=self.options.round_timeout,
+                )
+        finally:
+            self._grid = None
+        return self.records
+
+    def discover(self, grid: Grid) -> dict[int, int]:
+        """Wait for the SuperNodes, ask each for its partition id, map clients to nodes.
+
+        Raises
+        ------
+        FlowerEngineError
+            Too few nodes within ``options.node_wait``, two nodes with one partition, a
+            node whose ``num-partitions`` differs from the client count, or a client
+            without a node.
+        """
+        n = self.num_clients
+        deadline = time.monotonic() + self.options.node_wait
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= n:
+                break
+            if time.monotonic() > deadline:
+                raise FlowerEngineError(
+                    f"only {len(node_ids)} of {n} SuperNodes connected within "
+                    f"{self.options.node_wait:g} s (flower.node-wait)"
+                )
+            time.sleep(0.2)
+        query = [
+            Message(
+                RecordDict({NODE_KEY: ConfigRecord({"want": PARTITION_ID})}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+                group_id="discover",
+            )
+            for node in node_ids
+        ]
+        node_of: dict[int, int] = {}
+        for reply in grid.send_and_receive(query, timeout=self.options.node_wait):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                _LOG.warning("SuperNode %d did not say its partition: %s", node, reply.error)
+                continue
+            info = reply.content.get(NODE_KEY)
+            pid = info.get(PARTITION_ID) if isinstance(info, ConfigRecord) else None
+            num = info.get(NUM_PARTITIONS) if isinstance(info, ConfigRecord) else None
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                _LOG.warning("SuperNode %d sent no partition id; ignored", node)
+                continue
+            if num is not None and (not isinstance(num, int) or num != n):
+                raise FlowerEngineError(
+                    f"SuperNode {node} has {NUM_PARTITIONS}={num!r} but the federation has "
+                    f"{n} clients: give every SuperNode {NUM_PARTITIONS}={n}"
+                )
+            if not 0 <= pid < n:
+                _LOG.warning("SuperNode %d holds partition %d of %d; ignored", node, pid, n)
+                continue
+            if pid in node_of:
+                raise FlowerEngineError(
+                    f"SuperNodes {node_of[pid]} and {node} both have {PARTITION_ID}={pid}"
+                )
+            node_of[pid] = node
+        missing = sorted(set(range(n)) - set(node_of))
+        if missing:
+            raise FlowerEngineError(
+                f"no SuperNode answered for client(s) {missing[:10]}: each of the {n} "
+                f"clients needs a SuperNode started with --node-config "
+                f"'{PARTITION_ID}=<i> {NUM_PARTITIONS}={n}'"
+            )
+        self.node_of = node_of
+        self._cid_of = {node: cid for cid, node in node_of.items()}
+        return node_of
+
+    # -- helpers ----------------------------------------------------------------------
+    def _messages(
+        self,
+        task: str,
+        payloads: Mapping[int, Payload],
+        group: str,
+        fail: frozenset[int] = frozenset(),
+    ) -> list[Message]:
+        """One message per client (clients in ``fail`` get :data:`FAIL_TASK`)."""
+        fp16 = self.cfg.engine.fp16
+        cache: dict[int, EncodedPayload] = {}
+        messages: list[Message] = []
+        sizes: list[int] = []
+        for cid, p in payloads.items():
+            enc = cache.get(id(p))
+            if enc is None:  # the same broadcast payload is encoded once
+                enc = cache[id(p)] = encode_for_flower(p, fp16=fp16)
+            if cid not in self.node_of:
+                raise FlowerEngineError(f"client {cid} has no SuperNode")
+            messages.append(
+                Message(
+                    make_content(enc, FAIL_TASK if cid in fail else task),
+                    dst_node_id=self.node_of[cid],
+                    message_type=MessageType.TRAIN,
+                    group_id=group,
+                )
+            )
+            sizes.append(enc.nbytes)
+        self.accounting.count_down(task, sizes)
+        return messages
+
+    def _decode_replies(
+        self, task: str, replies: Iterable[Message], expected: list[int]
+    ) -> list[ClientReply]:
+        """Decoded replies sorted by client id; drops (with reasons) in ``self._drops``."""
+        self._drops = {}
+        out: list[ClientReply] = []
+        sizes: list[int] = []
+        for msg in replies:
+            cid = self._cid_of.get(msg.metadata.src_node_id)
+            if cid is None or cid not in expected:
+                _LOG.warning("dropping a reply from unexpected node %d", msg.metadata.src_node_id)
+                continue
+            if msg.has_error():
+                self._drop(cid, f"the client failed: {msg.error.reason}")
+                continue
+            try:
+                got, payload, nbytes = decode_content(msg.content)
+            except DecodeError as e:
+                sizes.append(content_nbytes(msg.content))  # it crossed all the same
+                self._drop(cid, f"undecodable reply: {e}")
+                continue
+            sizes.append(nbytes)
+            if got != task:
+                self._drop(cid, f"reply to task {got!r}, expected {task!r}")
+                continue
+            out.append(ClientReply(cid, payload))
+        for cid in sorted(set(expected) - {r.cid for r in out} - set(self._drops)):
+            self._drop(cid, "no reply within flower.round-timeout")
+        self.accounting.count_up(task, sizes)
+        return sorted(out, key=lambda r: r.cid)
+
+    def _drop(self, cid: int, reason: str) -> None:
+        self._drops[cid] = reason
+        _LOG.warning("fedprune: dropping the reply of client %d: %s", cid, reason)

@@ -1,0 +1,177 @@
+"""The Flower engine's messages: a fedprune codec buffer inside a Flower ``RecordDict``.
+
+A fedprune :class:`~fedprune.core.codec.Payload` is encoded once with
+:func:`~fedprune.core.codec.encode_payload` and cut along its own framing by
+:func:`~fedprune.core.codec.split_payload` (a head, a JSON header with config, metrics
+and the tensor index, then one buffer per tensor). The Flower message carries those
+pieces with no byte added or re-encoded:
+
+- ``content["fedprune.arrays"]``: an ``ArrayRecord`` with one ``Array`` per tensor.
+  ``data`` is the tensor's codec buffer (byte for byte what
+  :func:`~fedprune.core.codec.encode_arrays` makes: dense, bitmask or COO, picked per
+  tensor). ``stype`` is :data:`STYPE`. ``dtype`` and ``shape`` describe the decoded
+  tensor and are checked against it.
+- ``content["fedprune.config"]``: a ``ConfigRecord`` with ``task`` (``"fit"`` or a
+  setup task), ``head`` (the codec's head bytes) and ``header`` (the JSON header, as
+  text).
+
+The receiver rejoins the pieces with :func:`~fedprune.core.codec.join_payload` (head,
+header, names and lengths checked against each other) and decodes them with
+:func:`~fedprune.core.codec.decode_payload`, so every check of the codec applies (a
+malformed message raises :class:`~fedprune.errors.DecodeError`; the strategy drops such
+a reply and logs why). The bytes counted for a message are
+``len(head) + len(header) + sum(len(array.data))``: exactly ``len(encode_payload(p))``,
+what the in-process engine counts for the same payload. Flower's own framing
+(protobuf, HTTP) is not counted, in either engine.
+
+One ``Array`` per tensor, rather than the whole buffer in one ``Array``, keeps the
+message readable with Flower's tools (names, shapes, dtypes, per-tensor sizes), lets
+Flower's object store deduplicate and chunk tensors individually, and costs nothing:
+the bytes are the same.
+
+This module also holds the node-discovery keys (``query`` messages) and the engine's
+error, which the ClientApp and the strategy share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedprune.core.codec import Payload, decode_payload, encode_payload, join_payload, split_payload
+from fedprune.errors import DecodeError, FedpruneError
+
+__all__ = [
+    "ARRAYS_KEY",
+    "CONFIG_KEY",
+    "NODE_KEY",
+    "NUM_PARTITIONS",
+    "PARTITION_ID",
+    "STYPE",
+    "EncodedPayload",
+    "FlowerEngineError",
+    "content_nbytes",
+    "decode_content",
+    "encode_for_flower",
+    "make_content",
+]
+
+STYPE = "fedprune.codec.v1"
+"""``Array.stype`` of a tensor buffer made by fedprune's codec (format version 1)."""
+ARRAYS_KEY = "fedprune.arrays"
+CONFIG_KEY = "fedprune.config"
+NODE_KEY = "fedprune.node"
+"""``ConfigRecord`` of a discovery ``query`` and its reply (and of a node's state)."""
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+class FlowerEngineError(FedpruneError, RuntimeError):
+    """The Flower runtime cannot run the federation as configured (nodes, partitions)."""
+
+
+@dataclass(frozen=True)
+class EncodedPayload:
+    """A payload's codec buffer, cut into what a Flower message carries.
+
+    Attributes
+    ----------
+    head : bytes
+        The codec's message head.
+    header : str
+        The JSON header (config, metrics, tensor index).
+    arrays : list of tuple
+        ``(name, buffer, dtype, shape)`` per tensor, in the header's order.
+    nbytes : int
+        ``len(encode_payload(payload))``: what the engine counts for this message.
+    """
+
+    head: bytes
+    header: str
+    arrays: list[tuple[str, bytes, str, tuple[int, ...]]]
+    nbytes: int
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def encode_for_flower(payload: Payload, *, fp16: bool = False) -> EncodedPayload:
+    """Encode ``payload`` with the codec and cut the buffer along its own framing."""
+    buf = encode_payload(payload, fp16=fp16)
+    parts = split_payload(buf)
+    arrays: list[tuple[str, bytes, str, tuple[int, ...]]] = []
+    for name, data in parts.arrays.items():
+        t = payload.arrays[name]
+        arrays.append((name, data, _dtype_name(t), tuple(t.shape)))
+    return EncodedPayload(parts.head, parts.header.decode("utf-8"), arrays, len(buf))
+
+
+def make_content(enc: EncodedPayload, task: str) -> RecordDict:
+    """A message's content for one encoded payload (new record objects per message)."""
+    arrays = ArrayRecord(
+        {
+            name: Array(dtype=dtype, shape=shape, stype=STYPE, data=data)
+            for name, data, dtype, shape in enc.arrays
+        }
+    )
+    config = ConfigRecord({"task": task, "head": enc.head, "header": enc.header})
+    return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """The fedprune bytes in a message content, as far as they can be read (for a reply
+    that does not decode: it crossed the network all the same)."""
+    n = 0
+    arrays = content.get(ARRAYS_KEY)
+    if isinstance(arrays, ArrayRecord):
+        n += sum(len(a.data) for a in arrays.values())
+    config = content.get(CONFIG_KEY)
+    if isinstance(config, ConfigRecord):
+        head, header = config.get("head"), config.get("header")
+        n += len(head) if isinstance(head, bytes) else 0
+        n += len(header.encode("utf-8", "replace")) if isinstance(header, str) else 0
+    return n
+
+
+def decode_content(content: RecordDict) -> tuple[str, Payload, int]:
+    """Rebuild and decode the payload a message carries.
+
+    Returns
+    -------
+    tuple
+        ``(task, payload, nbytes)`` with ``nbytes`` the codec buffer's length.
+
+    Raises
+    ------
+    DecodeError
+        Records missing or of the wrong type, an ``Array`` that is not a fedprune codec
+        buffer, names that disagree with the header, dtype or shape metadata that
+        disagree with the buffer, or any malformed codec buffer.
+    """
+    config = content.get(CONFIG_KEY)
+    arrays = content.get(ARRAYS_KEY)
+    if not isinstance(config, ConfigRecord) or not isinstance(arrays, ArrayRecord):
+        raise DecodeError(f"message lacks the {CONFIG_KEY!r}/{ARRAYS_KEY!r} records")
+    task, head, header = config.get("task"), config.get("head"), config.get("header")
+    if not isinstance(task, str) or not isinstance(head, bytes) or not isinstance(header, str):
+        raise DecodeError(f"{CONFIG_KEY!r} needs task (str), head (bytes), header (str)")
+    try:
+        header_bytes = header.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DecodeError(f"message header is not a codec header: {e}") from e
+    buf = join_payload(head, header_bytes, {name: a.data for name, a in arrays.items()})
+    for name, a in arrays.items():
+        if a.stype != STYPE:
+            raise DecodeError(f"array {name[:80]!r} has stype {a.stype!r}")
+    payload = decode_payload(buf)
+    for name, t in payload.arrays.items():
+        a = arrays[name]
+        if a.dtype != _dtype_name(t) or tuple(a.shape) != tuple(t.shape):
+            raise DecodeError(
+                f"array {name[:80]!r}: metadata {a.dtype}{list(a.shape)} disagrees with "
+                f"its buffer ({_dtype_name(t)}{list(t.shape)})"
+            )
+    return task, payload, len(buf)
