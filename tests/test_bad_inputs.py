@@ -23,6 +23,8 @@ def test_bad_input_gets_one_line_and_exit_2(case, tmp_path: Path) -> None:  # ty
     assert len(out.lines) == 1, out.stderr
     assert out.lines[0].startswith(("error: ", "Usage:", "Error:")), out.stderr
     assert "Traceback" not in out.stderr
+    assert len(out.lines[0]) <= bad_inputs.MAX_LINE, out.lines[0]
+    assert not out.written, f"left behind: {out.written}"
 
 
 def test_docs_table_lists_every_case() -> None:

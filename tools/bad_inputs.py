@@ -22,6 +22,7 @@ from pathlib import Path
 from fedprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_LINE = 200
 
 
 @dataclass
@@ -84,6 +85,21 @@ def _empty_npz(tmp: Path) -> None:
 
 def _not_a_run(tmp: Path) -> None:
     (tmp / "notarun").mkdir(exist_ok=True)
+
+
+def _data_cases(case_cls: type) -> list[Case]:
+    """The lying-header cases of every data reader (tools/bad_inputs_data.py)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("bad_inputs_data.py")
+    if not path.is_file():  # pragma: no cover
+        return []
+    spec = importlib.util.spec_from_file_location("bad_inputs_data", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases: list[Case] = mod.cases(case_cls)
+    return cases
 
 
 class _Stop(Exception):
@@ -225,7 +241,91 @@ CASES: list[Case] = [
     Case("resume: config.toml edited", ["run", "--resume", "{tmp}/stopped"], _edited_config),
     Case("not a number for a flag", ["run", "--rounds", "many"]),
     Case("unknown flag", ["run", "--roundz", "3"]),
+    # numbers at and past the edges of the keys (issue 17)
+    Case("learning rate inf", ["run", "--lr", "inf"]),
+    Case("learning rate nan", ["run", "--lr", "nan"]),
+    Case("learning rate above its bound", ["run", "--lr", "1e9"]),
+    Case("momentum inf", ["run", "--set", "train.momentum=inf"]),
+    Case("momentum = 1", ["run", "--set", "train.momentum=1"]),
+    Case("seed above 2**63", ["run", "--seed", str(2**64)]),
+    Case("negative seed", ["run", "--seed", "-1"]),
+    Case("seed 1e400 (overflows to inf)", ["run", "--set", "seed=1e400"]),
+    Case("huge model.hidden", ["run", "--set", "model.hidden=100000"]),
+    Case("huge engine.threads", ["run", "--set", "engine.threads=100000"]),
+    Case("huge --workers", ["run", "--workers", "1000"]),
+    Case("batch size 0", ["run", "--batch-size", "0"]),
+    Case("huge batch size", ["run", "--batch-size", "10000000"]),
+    Case("zero local epochs", ["run", "--local-epochs", "0"]),
+    Case("ten million rounds", ["run", "--rounds", "10000000"]),
+    Case("a million clients", ["run", "--clients", "1000000"]),
+    Case("Dirichlet alpha inf", ["run", "--set", "data.alpha=inf"]),
+    Case("negative weight decay", ["run", "--set", "train.weight_decay=-0.1"]),
+    Case("lr decay 0", ["run", "--set", "train.lr_decay=0"]),
+    Case("lr decay above 1", ["run", "--set", "train.lr_decay=1.5"]),
+    Case("server momentum 1", ["run", "--set", "federation.server_momentum=1"]),
+    Case("eval_every 0", ["run", "--set", "federation.eval_every=0"]),
+    Case("negative max_retries", ["run", "--set", "federation.max_retries=-1"]),
+    Case("min_clients 0", ["run", "--set", "federation.min_clients=0"]),
+    Case("fractional clients per round above 1", ["run", "--clients-per-round", "2.5"]),
+    Case("negative clients per round", ["run", "--set", "federation.clients_per_round=-1"]),
+    Case("schedule exponent 0", ["run", "--set", "pruning.exponent=0"]),
+    Case("nnz rate 1", ["run", "--set", "pruning.nnz_rate=1"]),
+    Case("pruning start round 0", ["run", "--set", "pruning.start_round=0"]),
+    Case("pruning frequency 0", ["run", "--set", "pruning.frequency=0"]),
+    Case("update norm bound nan", ["run", "--set", "validation.max_update_norm=nan"]),
+    Case("max_examples above 2**31-1", ["run", "--set", "validation.max_examples=4294967296"]),
+    Case("structured k inf", ["run", "--set", "structured.k=inf"]),
+    Case("structured patience 0", ["run", "--set", "structured.patience=0"]),
+    Case("AutoFLIP threshold 1", ["run", "--set", "autoflip.threshold=1"]),
+    Case("AutoFLIP zero exploration epochs", ["run", "--set", "autoflip.explore_epochs=0"]),
+    Case("AutoFLIP explore fraction 0", ["run", "--set", "autoflip.explore_fraction=0"]),
+    Case("AutoFLIP unknown normalisation", ["run", "--set", "autoflip.normalisation=zscore"]),
+    Case("misspelt key in a method section", ["run", "--set", "autoflip.thresold=0.1"]),
+    Case("negative failure rate", ["run", "--set", "engine.fail_rate=-0.1"]),
+    Case("local test fraction nan", ["run", "--set", "data.local_test_fraction=nan"]),
+    Case("a 1,000-character data set name", ["run", "--set", "data.dataset='" + "x" * 1000 + "'"]),
+    Case("a 1,000-character optimizer", ["run", "--set", "train.optimizer='" + "y" * 1000 + "'"]),
+    # names (issue 17)
+    Case("run name with '..'", ["run", "--name", "../x"]),
+    Case("absolute run name", ["run", "--name", "/tmp/fedprune-abs"]),
+    Case("run name with a separator", ["run", "--name", "a/b"]),
+    Case("run name '..'", ["run", "--name", ".."]),
+    Case("300-character run name", ["run", "--name", "n" * 300]),
+    # combinations checked before any work (issue 17)
+    Case("autostructured on a model without convolutions", ["run", "--method", "autostructured"]),
+    Case(
+        "OMP prune round after the last round",
+        ["run", "--method", "omp", "--rounds", "3", "--set", "pruning.prune_round=5"],
+    ),
+    Case(
+        "compare: a method that cannot serve the model (reported before training)",
+        ["compare", "--methods", "fedavg,fedsparsify-global,autostructured", "--rounds", "1"],
+    ),
+    Case(
+        "compare: two impossible methods, both reported",
+        [
+            "compare",
+            "--methods",
+            "fedavg,autostructured,omp",
+            "--rounds",
+            "2",
+            "--set",
+            "pruning.prune_round=9",
+        ],
+    ),
+    Case("compare: a method twice", ["compare", "--methods", "fedavg,fedavg"]),
+    Case("compare: unknown method", ["compare", "--methods", "fedavg,fedprox"]),
+    Case("compare: a seed twice", ["compare", "--methods", "fedavg", "--seeds", "1,1"]),
+    Case("compare: seeds not integers", ["compare", "--methods", "fedavg", "--seeds", "a,b"]),
+    Case("compare: target above 1", ["compare", "--methods", "fedavg", "--target", "2"]),
+    Case("compare: a seed above 2**63", ["compare", "--methods", "fedavg", "--seeds", str(2**64)]),
+    Case(
+        "plugin module that does not exist",
+        ["run", "--method", "fedavg"],
+        env={"FEDPRUNE_PLUGINS": "no_such_fedprune_plugin"},
+    ),
 ]
+CASES += _data_cases(Case)
 
 
 @dataclass
@@ -234,6 +334,8 @@ class Outcome:
 
     code: int
     stderr: str
+    written: list[str] = field(default_factory=list)
+    """Output folders the failed command left behind (must be empty)."""
 
     @property
     def lines(self) -> list[str]:
@@ -248,6 +350,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if argv[0] == "run":
         argv += ["--quiet"] if "--resume" in argv else ["--out", str(tmp / "runs"), "--quiet"]
+    elif argv[0] == "compare":
+        argv += ["--out", str(tmp / "cmp"), "--quiet"]
     old = {k: os.environ.get(k) for k in case.env}
     os.environ.update(case.env)
     err = io.StringIO()
@@ -260,7 +364,8 @@ def run_case(case: Case, tmp: Path) -> Outcome:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return Outcome(code, err.getvalue().replace(str(tmp), "TMP"))
+    written = [p.name for p in (tmp / "runs", tmp / "cmp", Path("/tmp/fedprune-abs")) if p.exists()]
+    return Outcome(code, err.getvalue().replace(str(tmp), "TMP"), written)
 
 
 def main_cli(argv: list[str]) -> int:
@@ -271,11 +376,21 @@ def main_cli(argv: list[str]) -> int:
     for case in CASES:
         with tempfile.TemporaryDirectory() as d:
             out = run_case(case, Path(d))
-        ok = out.code == 2 and len(out.lines) == 1
+        ok = (
+            out.code == 2
+            and len(out.lines) == 1
+            and len(out.lines[0]) <= MAX_LINE
+            and not out.written
+            and "Traceback" not in out.stderr
+        )
         bad += not ok
         msg = out.lines[0] if out.lines else "(nothing)"
-        shown = " ".join(case.argv)
-        rows.append(f"| {case.what} | `fedprune {shown}` | {out.code} | `{msg}` |")
+        shown = " ".join(a if len(a) <= 40 else a[:20] + "..." + a[-8:] for a in case.argv)
+        if case.env:
+            shown = " ".join(f"{k}={v}" for k, v in case.env.items()) + " fedprune " + shown
+        else:
+            shown = "fedprune " + shown
+        rows.append(f"| {case.what} | `{shown}` | {out.code} | `{msg}` |")
         if not ok:
             print(
                 f"VIOLATION: {case.what}: exit {out.code}, {len(out.lines)} lines", file=sys.stderr
@@ -284,7 +399,8 @@ def main_cli(argv: list[str]) -> int:
         text = (
             "# Bad input and the answers it gets\n\n"
             "Generated by `python tools/bad_inputs.py` (tests/test_bad_inputs.py checks every\n"
-            "row: exit code 2 and exactly one line on stderr, no traceback). `{tmp}` is a\n"
+            "row: exit code 2, exactly one line on stderr of at most 200 characters, no\n"
+            "traceback, and no run or comparison directory left behind). `{tmp}` is a\n"
             "scratch folder the script prepares; `TMP` in a message is that folder.\n\n"
             "| bad input | command | exit | message |\n| --- | --- | --- | --- |\n"
             + "\n".join(rows)

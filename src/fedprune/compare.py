@@ -79,7 +79,7 @@ def check_combinations(
     problems: list[str] = []
     feds: dict[int, Any] = {}
     for seed in seeds:
-        base = dataclasses.replace(cfg, seed=seed)
+        base = dataclasses.replace(cfg, seed=seed).validate()
         try:
             feds[seed] = load_federation(base)
         except UserInputError as exc:
