@@ -11,13 +11,13 @@ from fedprune.core.guidance import (
     normalise,
     quantile_threshold,
     squared_deviation,
-    threshold_masks,
     unit_layers,
     unit_masks,
     unit_scores,
     units_to_remove,
 )
 from fedprune.core.masks import apply_masks
+from fedprune.core.select import select_lowest
 from fedprune.models import build_model
 
 
@@ -69,7 +69,7 @@ def test_robust_scaling_centres_on_the_median_without_clipping() -> None:
 def test_global_quantile_prunes_the_requested_fraction(q: float) -> None:
     gen = torch.Generator().manual_seed(1)
     values = {"a": torch.rand(10, 7, generator=gen), "b": torch.rand(33, generator=gen)}
-    masks = threshold_masks(values, q)
+    masks = select_lowest(values, q, ties="threshold")
     n = 70 + 33
     pruned = sum(int((~m).sum()) for m in masks.values())
     assert pruned == int(q * n + 1e-9)
@@ -83,7 +83,7 @@ def test_global_quantile_prunes_the_requested_fraction(q: float) -> None:
 def test_ties_at_the_threshold_are_all_pruned() -> None:
     values = {"a": torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 1.0])}
     assert quantile_threshold(values, 0.3) == 0.0
-    assert threshold_masks(values, 0.3)["a"].tolist() == [False] * 4 + [True, True]
+    assert select_lowest(values, 0.3, ties="threshold")["a"].tolist() == [False] * 4 + [True, True]
     assert quantile_threshold(values, 0.0) == float("-inf")
 
 
@@ -137,10 +137,12 @@ def test_monotone_thresholding_keeps_the_budget() -> None:
     values = {"a": torch.arange(10, dtype=torch.float32)}
     current = {"a": torch.tensor([True] * 7 + [False] * 3)}  # prunes the 3 largest
     # 30% is already pruned: nothing more, nothing back
-    assert torch.equal(threshold_masks(values, 0.3, current)["a"], current["a"])
+    assert torch.equal(
+        select_lowest(values, 0.3, current=current, ties="threshold")["a"], current["a"]
+    )
     # 50%: two more, the lowest of the kept ones
-    m = threshold_masks(values, 0.5, current)["a"]
+    m = select_lowest(values, 0.5, current=current, ties="threshold")["a"]
     assert m.tolist() == [False, False] + [True] * 5 + [False] * 3
     # plain intersection would prune another 30% of the entries
-    plain = threshold_masks(values, 0.3)["a"] & current["a"]
+    plain = select_lowest(values, 0.3, ties="threshold")["a"] & current["a"]
     assert int((~plain).sum()) == 6

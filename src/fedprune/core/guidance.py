@@ -19,20 +19,21 @@ The pieces of methods.md §2.2 (Phase A and B), as pure functions on named tenso
        prune more than half of every tensor whatever ``T_p`` is. Unclipped, the values keep
        their order inside a tensor and the quantile prunes ``T_p`` of the entries.
 
-4. :func:`quantile_threshold` and :func:`threshold_masks`: one global threshold over *all*
-   normalised entries of all tensors, ``tau`` = the ``k``-th smallest value with
-   ``k = floor(T_p * N)``, and the keep-mask ``G > tau``. Without ties exactly ``k``
-   entries are pruned; entries tied with ``tau`` are all pruned (the paper's strict ``>``),
-   so a block of identical values (parameters that never moved) can push the pruned
-   fraction above ``T_p``. Given the mask in force, ``threshold_masks`` can instead be
-   monotone under the same budget (pruned entries stay pruned and count towards
-   ``floor(T_p * N)``).
+4. The unstructured mask: one global ranking over *all* normalised entries of all
+   tensors, ``tau`` = the ``k``-th smallest value with ``k = floor(T_p * N)``
+   (:func:`quantile_threshold`), and the keep-mask ``G > tau``
+   (:func:`fedprune.core.select.select_lowest` with ``ties="threshold"``). Without ties
+   exactly ``k`` entries are pruned; entries tied with ``tau`` are all pruned (the
+   paper's strict ``>``), so a block of identical values (parameters that never moved)
+   can push the pruned fraction above ``T_p``. Given the mask in force (``current``),
+   the selection is monotone under the same budget (pruned entries stay pruned and
+   count towards ``floor(T_p * N)``).
 5. The structured part (an implementation choice: the paper's exact unit rule is not
    public, methods.md §2.2): :func:`unit_scores` is the mean normalised guidance of a
    unit's incoming weights and its bias (conv filter ``u``: ``G[u, :, :, :]`` plus
    ``bias[u]``; linear neuron ``u``: ``G[u, :]`` plus ``bias[u]``), and
    :func:`units_to_remove` picks, per layer, the ``floor(T_p * n)`` lowest-scoring units
-   (ties by position; at most ``n - 1``: a layer is never emptied). Output layers are
+   (the selector, ties by position; at most ``n - 1``: a layer is never emptied). Output layers are
    never candidates (:func:`unit_layers` leaves out the last conv/linear layer).
    :func:`unit_masks` turns the choice into masks that zero whole units (the stand-in for
    a physical shrink: on a chain of conv/linear layers with ReLU, a unit whose weights and
@@ -49,7 +50,7 @@ import torch
 from torch import nn
 
 from fedprune.core.masks import Masks
-from fedprune.core.purge import prune_count
+from fedprune.core.select import prune_count, select_lowest
 
 Guidance = dict[str, torch.Tensor]
 """Parameter name -> non-negative guidance tensor of the parameter's shape."""
@@ -66,7 +67,6 @@ __all__ = [
     "normalise",
     "quantile_threshold",
     "squared_deviation",
-    "threshold_masks",
     "unit_layers",
     "unit_masks",
     "unit_scores",
@@ -158,34 +158,6 @@ def quantile_threshold(values: Mapping[str, torch.Tensor], q: float) -> float:
     return _kth_smallest(flat, prune_count(q, flat.numel()))
 
 
-def threshold_masks(
-    values: Mapping[str, torch.Tensor],
-    q: float,
-    current: Mapping[str, torch.Tensor] | None = None,
-) -> Masks:
-    """Keep-masks ``values > tau`` with ``tau`` = :func:`quantile_threshold` ``(values, q)``.
-
-    With ``current`` (keep-masks of the same shapes) the result is monotone *under the
-    same budget*: entries ``current`` prunes stay pruned and count towards the
-    ``floor(q * N)`` pruned entries; only if they are fewer are more entries pruned, the
-    lowest of the rest. (Intersecting with an independently thresholded mask instead
-    would prune another ``q`` of the survivors every time it is refreshed.)
-    """
-    if current is None:
-        tau = quantile_threshold(values, q)
-        return {k: v > tau for k, v in values.items()}
-    if not 0.0 <= q < 1.0:
-        raise ValueError(f"threshold quantile must be in [0, 1), got {q}")
-    ranked = {
-        k: v.detach().float().masked_fill(~current[k].bool(), float("-inf"))
-        for k, v in values.items()
-    }
-    flat = torch.cat([v.flatten() for v in ranked.values()]) if ranked else torch.zeros(0)
-    already = sum(int((~current[k].bool()).sum()) for k in ranked)
-    tau = _kth_smallest(flat, max(prune_count(q, flat.numel()), already))
-    return {k: (v > tau) & current[k].bool() for k, v in ranked.items()}
-
-
 @dataclass(frozen=True)
 class UnitLayer:
     """A layer whose output units (filters / neurons) may be removed."""
@@ -238,16 +210,8 @@ def units_to_remove(scores: Mapping[str, torch.Tensor], q: float) -> dict[str, l
     """
     if not 0.0 <= q < 1.0:
         raise ValueError(f"threshold quantile must be in [0, 1), got {q}")
-    out: dict[str, list[int]] = {}
-    for name, s in scores.items():
-        n = int(s.numel())
-        k = min(prune_count(q, n), n - 1)
-        if k <= 0:
-            out[name] = []
-            continue
-        order = torch.argsort(s.flatten(), stable=True)
-        out[name] = sorted(int(i) for i in order[:k])
-    return out
+    keep = select_lowest(scores, q, per_layer=True, min_keep=1)
+    return {name: torch.nonzero(~k.flatten()).flatten().tolist() for name, k in keep.items()}
 
 
 def unit_masks(

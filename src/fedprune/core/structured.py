@@ -65,6 +65,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from fedprune.core.criteria import FilterL1
 from fedprune.models import zoo
 
 __all__ = [
@@ -255,7 +256,7 @@ def filter_scores(model: nn.Module, group: LayerGroup) -> torch.Tensor:
     for name in group.members:
         conv = model.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
-        s = conv.weight.detach().abs().double().flatten(1).sum(1)
+        s = FilterL1()({name: conv.weight})[name]
         total = s if total is None else total + s
     assert total is not None
     return total

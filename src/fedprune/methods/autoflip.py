@@ -77,18 +77,17 @@ from fedprune.config import RunConfig
 from fedprune.core import structured
 from fedprune.core.accounting import ModelStatsCounter, count_params
 from fedprune.core.codec import Payload
+from fedprune.core.criteria import Guidance as GuidanceScore
 from fedprune.core.guidance import (
     Guidance,
-    mean_guidance,
-    normalise,
     squared_deviation,
-    threshold_masks,
     unit_layers,
     unit_scores,
     units_to_remove,
 )
 from fedprune.core.masks import Masks, apply_masks, count_kept, mask_sparsity
 from fedprune.core.sampling import derive_seed
+from fedprune.core.select import select_lowest
 from fedprune.core.training import TrainSettings, make_optimizer
 from fedprune.methods.base import (
     ClientMethod,
@@ -258,9 +257,7 @@ class AutoFlipServer(ServerMethod):
         if not self.guidance:  # nobody explored soundly: stay dense, say so
             return
         if self.af.structured:
-            self.structured_step(
-                normalise(mean_guidance(list(self.guidance.values())), self.af.normalisation)
-            )
+            self.structured_step(self.guidance_scores(list(self.guidance.values())))
         self.install(self.mask_from(list(self.guidance.values())), monotone=False)
 
     # -- pruning ----------------------------------------------------------------------
@@ -338,11 +335,13 @@ class AutoFlipServer(ServerMethod):
             self._index_key = key
         return self._index
 
+    def guidance_scores(self, guidances: list[Guidance]) -> dict[str, torch.Tensor]:
+        """The mean guidance, normalised per tensor (``autoflip.normalisation``)."""
+        return GuidanceScore(self.af.normalisation)(guidances)
+
     def mask_from(self, guidances: list[Guidance]) -> Masks:
         """Normalise the mean guidance per tensor, keep what exceeds the ``T_p``-quantile."""
-        return threshold_masks(
-            normalise(mean_guidance(guidances), self.af.normalisation), self.af.threshold
-        )
+        return select_lowest(self.guidance_scores(guidances), self.af.threshold, ties="threshold")
 
     def install(self, masks: Masks, *, monotone: bool) -> tuple[int, int]:
         """Make ``masks`` the mask in force; return ``(regrown, newly pruned)`` counts."""
@@ -364,22 +363,26 @@ class AutoFlipServer(ServerMethod):
         """Recompute the mask from the guidance of the round's clients that explored.
 
         With ``regrow`` the round's mask replaces the one in force. Without, the mask is
-        monotone under the ``T_p`` budget (:func:`threshold_masks` with ``current``): the
-        pruned entries stay pruned and already make up the ``floor(T_p * N)`` pruned
-        entries, so the mask only changes when it prunes fewer (never, after the initial
-        mask). ``refresh_disagreement`` reports the fraction of the kept entries the
-        round's own mask would have pruned.
+        monotone under the ``T_p`` budget (:func:`~fedprune.core.select.select_lowest`
+        with ``current``): the pruned entries stay pruned and already make up the
+        ``floor(T_p * N)`` pruned entries, so the mask only changes when it prunes fewer
+        (never, after the initial mask). ``refresh_disagreement`` reports the fraction of
+        the kept entries the round's own mask would have pruned.
         """
         have = [c for c in cids if c in self.guidance]
         self._pending["explorers_in_round"] = float(len(have))
         if not have or self.masks is None:
             self._pending["mask_refreshed"] = 0.0
             return
-        values = normalise(mean_guidance([self.guidance[c] for c in have]), self.af.normalisation)
-        own = threshold_masks(values, self.af.threshold)
+        values = self.guidance_scores([self.guidance[c] for c in have])
+        own = select_lowest(values, self.af.threshold, ties="threshold")
         kept = count_kept(self.masks)
         would = sum(int((self.masks[n] & ~own[n]).sum()) for n in own)
-        new = own if self.af.regrow else threshold_masks(values, self.af.threshold, self.masks)
+        new = (
+            own
+            if self.af.regrow
+            else select_lowest(values, self.af.threshold, current=self.masks, ties="threshold")
+        )
         regrown, newly = self.install(new, monotone=not self.af.regrow)
         self._pending.update(
             mask_refreshed=1.0,
