@@ -5,6 +5,7 @@ import torch
 
 from fedprune.config import load_config
 from fedprune.core.codec import Payload, decode_payload, encode_payload
+from fedprune.core.select import prune_count
 from fedprune.methods.base import ClientReply, ModelSpec
 from fedprune.methods.fedsparsify import FedSparsifyGlobalServer, FedSparsifyLocalServer
 
@@ -140,3 +141,24 @@ def test_local_and_global_give_different_masks_on_the_same_non_iid_round(tmp_pat
     for m in (g, loc):
         kept = sum(int(v.sum()) for v in m.values())
         assert kept <= 0.75 * total
+
+
+def test_global_purge_is_exact_when_live_weights_are_exactly_zero() -> None:
+    """Issue 17: live exact zeros tied with pruned entries and took the purge's budget."""
+    server = _server(FedSparsifyGlobalServer, rounds=4)
+    total = sum(t.numel() for t in server.prunable().values())
+    for rnd in range(1, 5):
+        arrays = {k: v.clone() for k, v in server.model.state_dict().items()}
+        for n in server.scope:
+            flat, size = arrays[n].view(-1), arrays[n].numel()
+            if rnd == 2:  # 40% exact zeros at the end: more than round 2 prunes (35%)
+                flat[-4 * size // 10 :] = 0.0
+            elif rnd > 2:  # then live exact zeros *before* the pruned entries
+                flat[: 2 * size // 10] = 0.0
+        reply = ClientReply(0, Payload(arrays=arrays, metrics={"num_examples": 1.0}))
+        out = server.aggregate_fit(rnd, [reply])
+        if server.masks is None:
+            assert out["target_sparsity"] == 0.0
+            continue
+        pruned = total - sum(int(m.sum()) for m in server.masks.values())
+        assert pruned == prune_count(out["target_sparsity"], total)

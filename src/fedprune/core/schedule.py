@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedprune.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,18 @@ def rounds_to_reach(values: list[float], target: float) -> int | None:
 
 def _isclose(a: float, b: float) -> bool:  # pragma: no cover - helper for doctests
     return math.isclose(a, b, abs_tol=1e-12)
+
+
+def schedule_from_config(cfg: RunConfig) -> Schedule:
+    """The sparsity schedule described by the ``pruning`` section (and the round count)."""
+    p = cfg.pruning
+    return Schedule(
+        final=p.final_sparsity,
+        total=cfg.federation.rounds,
+        initial=p.initial_sparsity,
+        start=p.start_round,
+        frequency=p.frequency,
+        exponent=p.exponent,
+        kind=p.schedule,
+        rate=p.nnz_rate,
+    )

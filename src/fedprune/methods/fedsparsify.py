@@ -39,9 +39,10 @@ from torch import nn
 from fedprune.config import RunConfig
 from fedprune.core.aggregation import weighted_average
 from fedprune.core.codec import Payload
+from fedprune.core.criteria import Magnitude
 from fedprune.core.masks import Masks, apply_masks, mask_sparsity, mask_state, prunable_names
-from fedprune.core.purge import magnitude_masks
-from fedprune.core.schedule import Schedule
+from fedprune.core.schedule import schedule_from_config
+from fedprune.core.select import select_lowest
 from fedprune.core.training import TrainStats
 from fedprune.methods.base import (
     ClientMethod,
@@ -50,21 +51,6 @@ from fedprune.methods.base import (
     ServerMethod,
     config_number,
 )
-
-
-def schedule_from_config(cfg: RunConfig) -> Schedule:
-    """The sparsity schedule described by the ``pruning`` section."""
-    p = cfg.pruning
-    return Schedule(
-        final=p.final_sparsity,
-        total=cfg.federation.rounds,
-        initial=p.initial_sparsity,
-        start=p.start_round,
-        frequency=p.frequency,
-        exponent=p.exponent,
-        kind=p.schedule,
-        rate=p.nnz_rate,
-    )
 
 
 class ScheduledPruningServer(ServerMethod):
@@ -107,8 +93,8 @@ class FedSparsifyGlobalServer(ScheduledPruningServer):
         target = self.schedule.sparsity(rnd)
         if self.schedule.prunes_at(rnd):
             self.set_masks(
-                magnitude_masks(
-                    self.prunable(),
+                select_lowest(
+                    Magnitude()(self.prunable()),
                     target,
                     per_layer=self.cfg.pruning.per_layer,
                     current=self.masks,
@@ -177,8 +163,8 @@ class FedSparsifyClient(ClientMethod):
             return {}
         target = config_number(payload.config, "target_sparsity", 0.0)
         names = prunable_names(model, self.cfg.pruning.scope)
-        local = magnitude_masks(
-            {n: arrays[n] for n in names},
+        local = select_lowest(
+            Magnitude()({n: arrays[n] for n in names}),
             target,
             per_layer=self.cfg.pruning.per_layer,
             current=masks,
@@ -199,5 +185,4 @@ __all__ = [
     "FedSparsifyLocalClient",
     "FedSparsifyLocalServer",
     "ScheduledPruningServer",
-    "schedule_from_config",
 ]
