@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
-from fedprune.core.purge import magnitude_masks, prune_count
+from fedprune.core.criteria import Magnitude
 from fedprune.core.schedule import Schedule
+from fedprune.core.select import prune_count, select_lowest
 
 
 def test_polynomial_schedule_at_start_middle_and_end() -> None:
@@ -43,7 +44,7 @@ def test_nnz_rate_schedule() -> None:
 def test_purge_hits_exact_sparsity_with_ties() -> None:
     # 10 entries, 6 equal to 1.0: prune 5 must cut through the tie exactly
     t = {"a": torch.tensor([1.0, 1.0, 1.0, 0.5, 1.0]), "b": torch.tensor([1.0, 1.0, 3.0, 0.2, 2.0])}
-    m = magnitude_masks(t, 0.5)
+    m = select_lowest(Magnitude()(t), 0.5)
     kept = int(m["a"].sum() + m["b"].sum())
     assert kept == 5
     assert not m["a"][3] and not m["b"][3]  # the two smallest are gone
@@ -55,7 +56,7 @@ def test_purge_hits_exact_sparsity_with_ties() -> None:
 def test_purge_count_random(per_layer: bool, s: float) -> None:
     g = torch.Generator().manual_seed(0)
     t = {"w1": torch.randn(30, 20, generator=g), "w2": torch.randn(7, 3, 3, generator=g)}
-    m = magnitude_masks(t, s, per_layer=per_layer)
+    m = select_lowest(Magnitude()(t), s, per_layer=per_layer)
     if per_layer:
         for n in t:
             assert int((~m[n]).sum()) == prune_count(s, t[n].numel())
@@ -74,13 +75,13 @@ def test_purge_never_revives() -> None:
     current = torch.rand(100, generator=g) > 0.5  # about half already pruned
     w_big = w.clone()
     w_big[~current] = 100.0  # even if a pruned position now has a huge value
-    m = magnitude_masks({"w": w_big}, 0.2, current={"w": current})
+    m = select_lowest(Magnitude()({"w": w_big}), 0.2, current={"w": current})
     assert not torch.any(m["w"] & ~current)
-    m2 = magnitude_masks({"w": w}, 0.8, current={"w": current})
+    m2 = select_lowest(Magnitude()({"w": w}), 0.8, current={"w": current})
     assert int((~m2["w"]).sum()) == 80
     assert not torch.any(m2["w"] & ~current)
 
 
 def test_purge_rejects_bad_sparsity() -> None:
     with pytest.raises(ValueError):
-        magnitude_masks({"w": torch.ones(3)}, 1.0)
+        select_lowest(Magnitude()({"w": torch.ones(3)}), 1.0)

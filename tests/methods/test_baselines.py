@@ -10,25 +10,19 @@ from torch import nn
 
 from fedprune.config import RunConfig, load_config
 from fedprune.core.codec import Payload, decode_payload, encode_payload
+from fedprune.core.criteria import Magnitude
 from fedprune.core.masks import count_kept, count_total, mask_sparsity
-from fedprune.core.purge import magnitude_masks, prune_count
+from fedprune.core.select import prune_count, select_lowest
 from fedprune.data.federation import ClientData
 from fedprune.errors import ConfigError
 from fedprune.methods.base import MASK_PREFIX, ClientMethod, ClientReply, ModelSpec
-from fedprune.methods.baselines import (
-    IMPORTANCE_PREFIX,
-    BaselineServer,
-    GraSPServer,
-    OMPServer,
-    PruneFLClient,
-    PruneFLServer,
-    RandomServer,
-    SaliencyClient,
-    SNIPServer,
-    lowest_masks,
-    param_costs,
-)
+from fedprune.methods.grasp import GraSPServer
+from fedprune.methods.masked import BaselineServer, SaliencyClient
+from fedprune.methods.omp import OMPServer
+from fedprune.methods.prunefl import IMPORTANCE_PREFIX, PruneFLClient, PruneFLServer, param_costs
+from fedprune.methods.random_pruning import RandomServer
 from fedprune.methods.registry import get_method
+from fedprune.methods.snip import SNIPServer
 
 TINY = ModelSpec("fc", (1, 1, 3), 2, hidden=4)  # fc: 3 -> 4 -> 4 -> 2, 36 weights
 SMALL = ModelSpec("fc", (1, 1, 3), 2, hidden=8)  # 3 -> 8 -> 8 -> 2, 104 weights
@@ -89,15 +83,15 @@ def _zeros_in_scope(server: BaselineServer) -> int:
 
 def test_lowest_masks_prunes_an_exact_count_with_ties_by_position() -> None:
     scores = {"a": torch.tensor([3.0, 1.0, 1.0]), "b": torch.tensor([[1.0, -2.0], [5.0, 0.0]])}
-    m = lowest_masks(scores, 0.5)  # floor(0.5 * 7) = 3 lowest: -2, 0, first 1
+    m = select_lowest(scores, 0.5)  # floor(0.5 * 7) = 3 lowest: -2, 0, first 1
     assert m["a"].tolist() == [True, False, True]
     assert m["b"].tolist() == [[True, False], [True, False]]
-    per = lowest_masks(scores, 0.5, per_layer=True)  # 1 of a, 2 of b
+    per = select_lowest(scores, 0.5, per_layer=True)  # 1 of a, 2 of b
     assert per["a"].tolist() == [True, False, True]
     assert per["b"].tolist() == [[True, False], [True, False]]
-    assert count_kept(lowest_masks(scores, 0.0)) == 7
+    assert count_kept(select_lowest(scores, 0.0)) == 7
     with pytest.raises(ValueError):
-        lowest_masks(scores, 1.0)
+        select_lowest(scores, 1.0)
 
 
 def test_param_costs_follow_flops_per_weight() -> None:
@@ -253,7 +247,7 @@ def test_random_hits_the_schedule_exactly_and_is_monotone(per_layer: bool) -> No
         prev = {n: m.clone() for n, m in server.masks.items()}
     assert out["target_sparsity"] == pytest.approx(0.6)
     assert prev is not None
-    mag = magnitude_masks(initial, 0.6, per_layer=per_layer)
+    mag = select_lowest(Magnitude()(initial), 0.6, per_layer=per_layer)
     same = sum(int((mag[n] == prev[n]).sum()) for n in prev)
     assert same < 0.7 * count_total(prev)  # random ~ 0.6^2 + 0.4^2 = 52% agreement
     other = RandomServer(_cfg("seed=1"), FC, FC.build(seed=0))
