@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,8 @@ def _write_mnist_folder(folder: Path, n_train: int = 30, n_test: int = 10) -> No
 
 def _assert_one_line(exc: pytest.ExceptionInfo[BaseException], *parts: str) -> str:
     msg = str(exc.value)
-    assert "\n" not in msg
+    assert msg.splitlines() == [msg] and msg.strip() == msg
+    assert len(msg) <= 193, (len(msg), msg)  # "error: " + message fits 200 characters
     for part in parts:
         assert part in msg, (part, msg)
     return msg
@@ -242,21 +246,30 @@ def test_missing_folder_message_names_every_place(tmp_path: Path) -> None:
     _assert_one_line(
         exc,
         "'mnist'",
-        str(missing),
-        str(missing / "mnist"),
-        "FEDPRUNE_DATA",
-        "ylecun/mnist",
-        "FEDPRUNE_OFFLINE",
-        "--data-dir",
-        "train-images-idx3-ubyte.gz",
+        "--data-dir /tmp",
+        "/nowhere is missing",
+        "$FEDPRUNE_DATA unset",
+        "hub not tried (FEDPRUNE_OFFLINE=1)",
+        "mnist/train-images-idx3-ubyte.gz",
     )
+    # an existing folder without the files: it and its mnist/ were looked at
+    with pytest.raises(DataError) as exc:
+        load_dataset("mnist", data_dir=tmp_path)
+    _assert_one_line(exc, "(or its mnist/) has no files")
+
+
+def test_missing_folder_with_a_name_too_long_for_the_file_system(tmp_path: Path) -> None:
+    missing = tmp_path / ("a" * 300) / ("b" * 300)  # ENAMETOOLONG, not just "missing"
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=missing)
+    _assert_one_line(exc, "'femnist'", "bbbb is missing")
 
 
 def test_env_folder_is_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDPRUNE_DATA", str(tmp_path))
     with pytest.raises(DataError) as exc:
         load_dataset("cifar10", allow_hub=False)
-    _assert_one_line(exc, str(tmp_path / "cifar10"), "cifar10_train_subset.npz")
+    _assert_one_line(exc, "$FEDPRUNE_DATA /tmp", "/cifar10 is missing", "cifar10_{train_subset")
 
 
 def test_hub_failure_becomes_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,7 +287,8 @@ def test_hub_failure_becomes_data_error(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(DataError) as exc:
         load_dataset("fashion-mnist", data_dir=tmp_path)
     assert calls == ["zalando-datasets/fashion_mnist"]
-    _assert_one_line(exc, "'fashion-mnist'", str(tmp_path), "fashion_mnist/", "ConnectionError")
+    _assert_one_line(exc, "'fashion-mnist'", "fashion_mnist/", "ConnectionError")
+    assert "hub failed (ConnectionError: " in str(exc.value)
     # allow_hub=False never calls the hub
     with pytest.raises(DataError):
         load_dataset("fashion-mnist", data_dir=tmp_path, allow_hub=False)
@@ -506,3 +520,456 @@ def test_dataset_from_hf_rejects_wrong_columns() -> None:
     with pytest.raises(DataError) as exc:
         dataset_from_hf(ds, ds, "mnist")
     _assert_one_line(exc, "image column")
+
+
+# ---------------------------------------------------------------------------- lying headers
+# Every reader checks what a header claims against the bytes really there, with Python
+# integers (no int64 overflow), before allocating; every message is one short line.
+
+
+def _idx(dims: list[int], payload: bytes = b"", *, code: int = 0x08, ndim: int = -1) -> bytes:
+    n = len(dims) if ndim < 0 else ndim
+    return bytes([0, 0, code, n]) + b"".join(d.to_bytes(4, "big") for d in dims) + payload
+
+
+@pytest.mark.parametrize(
+    ("data", "gz", "words"),
+    [
+        # 2**31 * 2**31 * 4 = 2**64 wraps to 0 in int64: an empty payload passed the old check
+        (_idx([2**31, 2**31, 4]), False, ["truncated", "2147483648x2147483648x4"]),
+        (_idx([2**31, 2**31, 4]), True, ["more than a gzip file of"]),
+        (_idx([2**32 - 1] * 3, bytes(100)), True, ["more than a gzip file of"]),
+        (_idx([2**32 - 1] * 3, bytes(100)), False, ["truncated", "file holds 116 bytes"]),
+        (_idx([2, 2], bytes(4), code=0x0D), True, ["element type 0x0d (float)"]),
+        (b"\x01\x02\x08\x01" + bytes(8), True, ["magic 01020801"]),
+        (b"PK\x03\x04" + bytes(8), False, ["magic 504b0304"]),
+        (_idx([], ndim=0), True, ["0 dimensions, expected 1 to 32"]),
+        (_idx([255] * 255, ndim=255), True, ["255 dimensions"]),
+        (_idx([1] * 40, b"\x00"), False, ["40 dimensions"]),
+        (_idx([2, 0, 28]), True, ["dimension 1 is 0, expected at least 1"]),
+        (_idx([2, 2], bytes(9)), False, ["oversized", "says shape 2x2 (16", "holds 21 bytes"]),
+        (_idx([2, 2], bytes(9)), True, ["oversized", "holds more than 16"]),
+        (_idx([3, 28, 28])[:10], True, ["truncated", "header needs 16 bytes"]),
+        (_idx([3, 28, 28], bytes(7)), True, ["truncated", "file holds 23 bytes"]),
+    ],
+)
+def test_read_idx_rejects_lying_headers(
+    tmp_path: Path, data: bytes, gz: bool, words: list[str]
+) -> None:
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(DataError) as exc:
+        read_idx(path)
+    _assert_one_line(exc, "x-idx3-ubyte", *words)
+
+
+def test_read_idx_gzip_stream_errors_and_members(tmp_path: Path) -> None:
+    path = tmp_path / "x.gz"
+    good = _idx([2, 3], bytes(range(6)))
+    path.write_bytes(gzip.compress(good) + b"garbage after the stream")
+    with pytest.raises(DataError) as exc:
+        read_idx(path)
+    _assert_one_line(exc, "cannot decompress", "other data after the gzip stream")
+    path.write_bytes(b"\x1f\x8b" + bytes(40))
+    with pytest.raises(DataError) as exc:
+        read_idx(path)
+    _assert_one_line(exc, "cannot decompress", "zlib.error: Error -3")
+    # several gzip members (as `cat a.gz b.gz` makes) and zero padding are fine
+    path.write_bytes(gzip.compress(good[:9]) + gzip.compress(good[9:]) + bytes(10))
+    np.testing.assert_array_equal(read_idx(path), np.arange(6).reshape(2, 3))
+
+
+def test_read_idx_checks_the_expected_shape(tmp_path: Path) -> None:
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(_idx([5, 28, 27], bytes(5 * 28 * 27))))
+    with pytest.raises(DataError) as exc:
+        read_idx(path, shape=(None, 28, 28))
+    _assert_one_line(exc, "dimension 2 is 27, expected 28")
+    with pytest.raises(DataError) as exc:
+        read_idx(path, shape=(None,))
+    _assert_one_line(exc, "3 dimensions, expected 1")
+    assert read_idx(path, shape=(5, 28, None)).shape == (5, 28, 27)
+
+
+@pytest.mark.parametrize(
+    ("name", "arr", "words"),
+    [
+        ("t10k-labels-idx1-ubyte.gz", np.arange(12) % 10, ["10 images", "12 labels"]),
+        ("train-labels-idx1-ubyte.gz", np.arange(29) % 10, ["30 images", "29 labels"]),
+        ("t10k-labels-idx1-ubyte.gz", np.arange(10) + 1, ["fall outside 0..9: 10 at index 9"]),
+        ("train-images-idx3-ubyte.gz", np.zeros(30), ["1 dimensions, expected 3"]),
+        ("t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 32)), ["dimension 2 is 32"]),
+        ("t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28)), ["holds no images"]),
+    ],
+)
+def test_idx_folder_rejects_inconsistent_files(
+    tmp_path: Path, name: str, arr: np.ndarray, words: list[str]
+) -> None:
+    _write_mnist_folder(tmp_path)
+    _write_idx(tmp_path / name, arr)
+    with pytest.raises(DataError) as exc:
+        load_dataset("mnist", data_dir=tmp_path)
+    _assert_one_line(exc, *words)
+
+
+def test_long_paths_are_elided_in_messages(tmp_path: Path) -> None:
+    folder = tmp_path.joinpath(*[c * 120 for c in "pqrstuvw"], "mnist")
+    _write_mnist_folder(folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(_idx([30, 28, 28], bytes(100))))
+    assert len(str(images)) > 1000
+    with pytest.raises(DataError) as exc:
+        load_dataset("mnist", data_dir=folder.parent)
+    msg = _assert_one_line(exc, "truncated IDX file /tmp", "/train-images-idx3-ubyte.gz: header")
+    assert "..." in msg
+
+
+def test_a_newline_in_a_path_stays_on_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "two\nlines\u2028three"
+    _write_mnist_folder(folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError) as exc:
+        load_dataset("mnist", data_dir=folder)
+    _assert_one_line(exc, "magic 6e6f7420")
+
+
+# ---------------------------------------------------------------------------- npz headers
+
+
+def _npy(arr: np.ndarray | None = None, *, header: dict[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    if header is None:
+        assert arr is not None
+        np.lib.format.write_array(buf, arr)
+    else:
+        np.lib.format.write_array_header_1_0(buf, header)
+        buf.write(b"" if arr is None else arr.tobytes())
+    return buf.getvalue()
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], raw: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key, arr in arrays.items():
+            zf.writestr(f"{key}.npy", raw[key] if key in raw else _npy(arr))
+
+
+def _femnist_folder(tmp_path: Path, **changes: Any) -> Path:
+    """A valid FEMNIST npz pair; ``changes`` replace train arrays (bytes: a raw member)."""
+    rng = np.random.default_rng(0)
+    train, test = _femnist_arrays(rng, 24, 4), _femnist_arrays(rng, 8, 4)
+    raw = {k: v for k, v in changes.items() if isinstance(v, bytes)}
+    train.update({k: v for k, v in changes.items() if not isinstance(v, bytes)})
+    _write_npz(tmp_path / "femnist_train.npz", train, raw)
+    _write_npz(tmp_path / "femnist_test.npz", test, {})
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"writer": np.arange(24) % 5}, ["writer indices (table of 4)", "0..3: 4 at index 4"]),
+        ({"writer": np.arange(24) - 1}, ["writer indices", "-1 at index 0"]),
+        ({"y": np.arange(24) + 50}, ["labels in", "fall outside 0..61: 62 at index 12"]),
+        ({"y": -np.ones(24, np.int16)}, ["fall outside 0..61: -1 at index 0"]),
+        ({"y": np.zeros(23, np.int16)}, ["23 labels for 24 images"]),
+        ({"writer": np.zeros((24, 1), np.int32)}, ["int32 (24, 1), expected integers (N,)"]),
+        ({"y": np.zeros(24)}, ["bad labels", "float64"]),
+        ({"x": np.zeros((24, 28, 28), np.float32)}, ["float32", "expected uint8 (N, 28, 28)"]),
+        ({"x": np.zeros((24, 784), np.uint8)}, ["(24, 784), expected uint8 (N, 28, 28)"]),
+        ({"writer_ids": np.asarray(["a", "b", "a", "c"])}, ["appears twice"]),
+        ({"writer_ids": np.arange(4)}, ["bad writer_ids", "expected strings"]),
+        ({"writer_ids": np.asarray([], "<U3")}, ["bad writer_ids", "W >= 1"]),
+    ],
+)
+def test_femnist_npz_rejects_bad_arrays_and_indices(
+    tmp_path: Path, changes: dict[str, Any], words: list[str]
+) -> None:
+    _femnist_folder(tmp_path, **changes)
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=tmp_path)
+    _assert_one_line(exc, "femnist_train.npz", *words)
+
+
+def _u1(shape: tuple[int, ...], descr: str = "|u1") -> dict[str, Any]:
+    return {"descr": descr, "fortran_order": False, "shape": shape}
+
+
+@pytest.mark.parametrize(
+    ("member", "words"),
+    [
+        # claims 10**12 images: numpy.load would try to allocate 784 GB first
+        (_npy(np.zeros(10, np.uint8), header=_u1((10**12, 28, 28))), ["header says", "(784000"]),
+        # the int64 product of this shape wraps around to 0
+        (_npy(header=_u1((2**62, 2**62, 4))), ["header says", "the member holds 0"]),
+        (_npy(np.zeros(5, np.uint8), header=_u1((-5,))), ["shape (-5,)"]),
+        (_npy(np.zeros(8), header=_u1((1,), "|O")), ["dtype object"]),
+        (_npy(header=_u1((10**9,), "<U0")), ["dtype <U0"]),
+        (b"\x93NUMPY\x09\x00" + bytes(30), [".npy format (9, 0)"]),
+        (b"not an npy file at all", ["cannot read npz file", "ValueError"]),
+    ],
+)
+def test_npz_members_with_lying_headers(tmp_path: Path, member: bytes, words: list[str]) -> None:
+    _femnist_folder(tmp_path, x=member)
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=tmp_path)
+    _assert_one_line(exc, "femnist_train.npz", *words)
+
+
+def test_npz_member_claiming_more_than_its_compressed_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "cifar10_train_subset.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("x.npy", _npy(np.zeros((2, 32, 32, 3), np.uint8)))
+        zf.writestr("y.npy", _npy(np.zeros(2, np.uint8)))
+    data = bytearray(path.read_bytes())
+    # the uncompressed size of x.npy: local header (offset 22) and central directory (+24)
+    size = len(_npy(np.zeros((2, 32, 32, 3), np.uint8)))
+    central = data.index(b"PK\x01\x02")
+    for off in (22, central + 24):
+        assert int.from_bytes(data[off : off + 4], "little") == size
+        data[off : off + 4] = (10**9).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    np.savez(tmp_path / "cifar10_test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=[0, 1])
+    with pytest.raises(DataError) as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    _assert_one_line(exc, "array x claims 1000000000 bytes, more than its")
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "words"),
+    [
+        (np.zeros((10, 32, 32, 3), np.uint8), np.zeros(9, np.uint8), ["9 labels for 10 images"]),
+        (np.zeros((10, 32, 32, 3), np.uint8), np.arange(10) + 1, ["0..9: 10 at index 9"]),
+        (np.zeros((10, 32, 32, 3), np.uint8), np.zeros((10, 1), np.uint8), ["(10, 1)"]),
+        (np.zeros((10, 32, 32, 3), np.uint8), np.zeros(10), ["float64"]),
+        (np.zeros((10, 32, 32), np.uint8), np.zeros(10, np.uint8), ["(10, 32, 32), expected"]),
+        (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.uint8), ["no images in"]),
+    ],
+)
+def test_cifar_npz_rejects_inconsistent_arrays(
+    tmp_path: Path, x: np.ndarray, y: np.ndarray, words: list[str]
+) -> None:
+    np.savez(tmp_path / "cifar10_train_subset.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=[0] * 4)
+    np.savez(tmp_path / "cifar10_test.npz", x=x, y=y)
+    with pytest.raises(DataError) as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    _assert_one_line(exc, "cifar10_test.npz", *words)
+
+
+# ---------------------------------------------------------------------------- LEAF JSON
+
+
+def _leaf_folder(tmp_path: Path, train_doc: object) -> Path:
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "train" / "a.json").write_text(json.dumps(train_doc))
+    test_doc = _leaf_doc({"w1": 2}, np.random.default_rng(1))
+    (tmp_path / "test" / "a.json").write_text(json.dumps(test_doc))
+    return tmp_path
+
+
+def _leaf_rec(n: int, y: list[Any] | None = None, v: float = 0.5) -> dict[str, Any]:
+    return {"x": [[v] * 784] * n, "y": list(range(n)) if y is None else y}
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        (
+            {"users": ["w1"], "num_samples": [5], "user_data": {"w1": _leaf_rec(3)}},
+            ["num_samples says 5 for writer w1, who has 3 samples"],
+        ),
+        (
+            {"users": ["w1", "w2"], "num_samples": [3], "user_data": {"w1": _leaf_rec(3)}},
+            ["'num_samples' has 1 entries for 2 users"],
+        ),
+        ({"users": ["w1"], "user_data": {"w1": _leaf_rec(2, [0, 62])}}, ["0..61: 62"]),
+        ({"users": ["w1"], "user_data": {"w1": _leaf_rec(2, [0, -3])}}, ["0..61: -3"]),
+        ({"users": ["w1"], "user_data": {"w1": _leaf_rec(2, [0.5, 1])}}, ["float64 labels"]),
+        ({"users": ["w1"], "user_data": {"w1": _leaf_rec(2, [1])}}, ["(2, 784) and y (1,)"]),
+        ({"users": ["w1"], "user_data": {"w1": _leaf_rec(1, v=255.0)}}, ["outside [0, 1]"]),
+        ({"users": ["w1", "w1"], "user_data": {"w1": _leaf_rec(1)}}, ["w1 is listed twice"]),
+        ({"users": ["w9"], "user_data": {"w1": _leaf_rec(1)}}, ["w9 has no x and y"]),
+        ({"users": "w1", "user_data": {"w1": _leaf_rec(1)}}, ["'users' is not a list"]),
+        ({"users": [1], "user_data": {}}, ["'users' is not a list"]),
+        ([1, 2, 3], ["'user_data' object"]),
+        ({"users": ["w1"], "user_data": {"w1": {"x": [[0.5] * 783], "y": [0]}}}, ["(1, 783)"]),
+        ({"users": ["w1"], "user_data": {"w1": {"x": [[0.5], [1, 2]], "y": [0]}}}, ["ValueError"]),
+    ],
+)
+def test_leaf_json_rejects_lying_files(tmp_path: Path, doc: object, words: list[str]) -> None:
+    _leaf_folder(tmp_path, doc)
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=tmp_path)
+    _assert_one_line(exc, "a.json", *words)
+
+
+def test_leaf_json_deep_nesting_and_writer_in_two_files(tmp_path: Path) -> None:
+    _leaf_folder(tmp_path, {"users": ["w1"], "user_data": {"w1": _leaf_rec(1)}})
+    (tmp_path / "train" / "b.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=tmp_path)
+    _assert_one_line(exc, "b.json", "RecursionError")
+    doc = {"users": ["w1"], "user_data": {"w1": _leaf_rec(2)}}
+    (tmp_path / "train" / "b.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError) as exc:
+        load_dataset("femnist", data_dir=tmp_path)
+    _assert_one_line(exc, "b.json", "w1 is listed twice in train/")
+
+
+# ---------------------------------------------------------------------------- CIFAR pickles
+
+
+class _LyingArray:
+    """Pickles as a numpy array would, with any ``_reconstruct`` shape and state."""
+
+    def __init__(self, state: object, shape: tuple[int, ...] = (0,)) -> None:
+        self.state, self.shape = state, shape
+
+    def __reduce__(self) -> tuple[object, ...]:
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, self.shape, b"b"), self.state)
+
+
+def _batch_folder(tmp_path: Path, bad: dict[bytes, object], protocol: int = 2) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_batches(folder, 3, protocol)
+    batch = {b"labels": [0, 1, 2], b"data": np.zeros((3, 3072), np.uint8), **bad}
+    with (folder / "data_batch_2").open("wb") as fh:
+        pickle.dump(batch, fh, protocol=protocol)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        ({b"labels": [0, 1]}, ["2 labels for 3 images"]),
+        ({b"labels": [0, 1, 10]}, ["0..9: 10 at index 2"]),
+        ({b"labels": [0, 1, -1]}, ["0..9: -1 at index 2"]),
+        ({b"labels": [0, 1, 2**70]}, ["0..9: 1180591620717411303424 at index 2"]),
+        ({b"labels": [0, 1, "2"]}, ["labels are not all integers"]),
+        ({b"labels": 7}, ["labels are int, expected a list"]),
+        ({b"labels": np.zeros(4, np.int64)}, ["4 labels for 3 images"]),
+        ({b"data": np.zeros((3, 3071), np.uint8)}, ["uint8 (3, 3071), expected uint8 (N, 3072)"]),
+        ({b"data": np.zeros((3, 3072), np.float32)}, ["float32"]),
+        ({b"data": [[0] * 3072] * 3}, ["data is list, expected an array"]),
+        ({b"data": None}, ["data is NoneType"]),
+        # a state claiming 2**80 bytes for 3 bytes of data (numpy would allocate first)
+        (
+            {b"data": _LyingArray((1, (2**40, 2**40), np.dtype("u1"), False, b"abc"))},
+            ["UnpicklingError: array (1099511627776, 1099511627776) of uint8 needs 1208925"],
+        ),
+        (
+            {b"data": _LyingArray((1, (3, 3072), np.dtype("u1"), False, b"abc"))},
+            ["array (3, 3072) of uint8 needs 9216 bytes, has 3"],
+        ),
+        (
+            {b"data": _LyingArray((1, (3,), np.dtype("u1"), False, b"abc"), (2**62,))},
+            ["placeholder of shape (4611686018427387904,)"],
+        ),
+        ({b"data": _LyingArray((1, (-3,), np.dtype("u1"), False, b"abc"))}, ["shape (-3,)"]),
+        ({b"data": _LyingArray((1, (3,), np.dtype("O"), False, [1, 2, 3]))}, ["dtype('O')"]),
+        ({b"data": _LyingArray((1, (3,), np.dtype("u1"), False, [1, 2, 3]))}, ["data is list"]),
+        ({b"data": _LyingArray("not a state")}, ["not a 4- or 5-tuple"]),
+    ],
+)
+def test_cifar_batches_reject_lying_contents(
+    tmp_path: Path, bad: dict[bytes, object], words: list[str]
+) -> None:
+    folder = _batch_folder(tmp_path, bad)
+    with pytest.raises(DataError) as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert (folder / "data_batch_2").is_file()
+    _assert_one_line(exc, "batches-py/data_batch_2", *words)
+
+
+class _Codec:
+    def __reduce__(self) -> tuple[object, ...]:
+        import codecs
+
+        return (codecs.encode, ("x", "rot13"))
+
+
+def test_cifar_batches_allow_only_latin1_encode(tmp_path: Path) -> None:
+    _batch_folder(tmp_path, {b"batch_label": _Codec()})
+    with pytest.raises(DataError) as exc:
+        load_dataset("cifar10", data_dir=tmp_path)
+    _assert_one_line(exc, "data_batch_2", "UnpicklingError: _codecs.encode with 'rot13'")
+
+
+def test_cifar_batch_arrays_of_every_protocol_still_load(tmp_path: Path) -> None:
+    labels = np.arange(3, dtype=np.int64)
+    folder = _batch_folder(tmp_path, {b"labels": labels}, protocol=pickle.HIGHEST_PROTOCOL)
+    b = load_dataset("cifar10", data_dir=folder)
+    np.testing.assert_array_equal(b.train.y[3:6], labels)
+    fortran = np.asfortranarray(np.arange(3 * 3072).reshape(3, 3072).astype(np.uint8))
+    with (folder / "data_batch_2").open("wb") as fh:
+        pickle.dump({b"labels": [0, 1, 2], b"data": fortran}, fh, protocol=2)
+    b = load_dataset("cifar10", data_dir=folder)
+    assert b.train.x.shape == (15, 3, 32, 32)
+    expected = (fortran.reshape(3, 3, 32, 32) / 255.0 - 0.4914) / 0.2470
+    np.testing.assert_allclose(b.train.x[3:6, 0], expected[:, 0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- HF columns
+
+
+def test_dataset_from_hf_rejects_bad_labels_and_images() -> None:
+    import datasets as hfd
+
+    x = np.zeros((3, 28, 28), np.uint8)
+    ds = hfd.Dataset.from_dict({"image": list(x), "label": ["a", "b", "c"]})
+    with pytest.raises(DataError) as exc:
+        dataset_from_hf(ds, ds, "mnist")
+    _assert_one_line(exc, "label column 'label'", "expected 3 integers")
+    ds = hfd.Dataset.from_dict({"image": list(x), "label": [0.0, 1.5, 2.0]})
+    with pytest.raises(DataError) as exc:
+        dataset_from_hf(ds, ds, "mnist")
+    _assert_one_line(exc, "not whole numbers")
+    ds = hfd.Dataset.from_dict({"image": list(x), "label": [0, 1, 10]})
+    with pytest.raises(DataError) as exc:
+        dataset_from_hf(ds, ds, "mnist")
+    _assert_one_line(exc, "labels from hf:mnist fall outside 0..9")
+    ds = hfd.Dataset.from_dict({"image": [[0.5] * 783] * 3, "label": [0, 1, 2]})
+    with pytest.raises(DataError) as exc:
+        dataset_from_hf(ds, ds, "mnist")
+    _assert_one_line(exc, "image 0 of column 'image'", "(783,)")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG file that claims ``width`` x ``height`` grey pixels and holds none."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("blob", "words"),
+    [
+        (b"not an image", ["cannot decode image 1", "UnidentifiedImageError"]),
+        (_png_header(100_000, 100_000), ["cannot decode image 1", "DecompressionBomb"]),
+        (_png_header(5000, 5000), ["image 1", "5000x5000 pixels is larger than"]),
+    ],
+)
+def test_dataset_from_hf_rejects_broken_and_huge_images(blob: bytes, words: list[str]) -> None:
+    import datasets as hfd
+
+    ok = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(ok, format="PNG")
+    cells = [{"bytes": ok.getvalue(), "path": None}, {"bytes": blob, "path": None}]
+    feats = hfd.Features({"image": hfd.Image(decode=False), "label": hfd.Value("int64")})
+    ds = hfd.Dataset.from_dict({"image": cells, "label": [0, 1]}, features=feats)
+    with pytest.raises(DataError) as exc:
+        dataset_from_hf(ds, ds, "mnist")
+    _assert_one_line(exc, *words)
