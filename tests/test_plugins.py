@@ -131,3 +131,33 @@ def test_registry_refuses_bad_registrations() -> None:
         registry.MethodInfo("x", "a:b", "a:c", section="train", config=object)
     with pytest.raises(ValueError, match="must match"):
         registry.MethodInfo("Bad Name", "a:b", "a:c")
+
+
+def test_plugin_on_the_flower_simulation_engine(tmp_path: Path) -> None:
+    env = _env(
+        FEDPRUNE_PLUGINS="oneshot_plugin",
+        FLWR_HOME=str(tmp_path / "flwr"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
+    args = ["--method", "oneshot", "--rounds", "3", "--clients", "3", "--quiet"]
+    flower = _fedprune(
+        ["run", *args, "--engine", "flower", "--out", str(tmp_path), "--name", "f"], env
+    )
+    assert flower.returncode == 0, flower.stderr[-2000:]
+    local = _fedprune(["run", *args, "--out", str(tmp_path), "--name", "l"], env)
+    assert local.returncode == 0, local.stderr
+    f = json.loads((tmp_path / "f" / "summary.json").read_text())
+    lo = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert f["final_accuracy"] == lo["final_accuracy"]
+    assert f["total_bytes_up"] == lo["total_bytes_up"] and f["final_sparsity"] > 0.45
+
+
+def test_flower_run_config_names_the_plugin_module(oneshot) -> None:  # type: ignore[no-untyped-def]
+    from fedprune.engines.flower import config_from_run_config, run_config_from_config
+
+    cfg = load_config(overrides=["method='oneshot'", "oneshot.sparsity=0.6"])
+    rc = run_config_from_config(cfg)
+    assert rc["flower.plugins"] == "oneshot_plugin" and rc["oneshot.sparsity"] == 0.6
+    back, _ = config_from_run_config(rc)
+    assert back.method == "oneshot" and back.section("oneshot").sparsity == 0.6
+    assert "flower.plugins" not in run_config_from_config(load_config())

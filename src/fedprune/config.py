@@ -516,13 +516,20 @@ def load_config(
     return cfg.validate()
 
 
+def _is_section(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The configuration as nested plain dicts (TOML/JSON serialisable).
 
     Method sections appear as top-level tables beside the core ones, in registration order.
     """
-    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "sections"}
-    out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != "sections":
+            out[f.name] = dataclasses.asdict(value) if _is_section(value) else value
     for name in registry.sections():
         out[name] = dataclasses.asdict(cfg.section(name))
     for name, sec in cfg.sections.items():  # sections of methods no longer registered

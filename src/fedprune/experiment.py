@@ -61,6 +61,14 @@ def model_spec(cfg: RunConfig, fed: Federation) -> ModelSpec:
     return ModelSpec(cfg.model.name, fed.input_shape, fed.num_classes, cfg.model.hidden or None)
 
 
+def check_method(cfg: RunConfig, fed: Federation) -> None:
+    """Raise the UserInputError a run of ``cfg`` on ``fed`` would stop with at its start
+    (a model that does not fit the data, a method that cannot serve the model or the
+    config): constructing the server half is where methods check their combination."""
+    spec = model_spec(cfg, fed)
+    get_method(cfg.method).server(cfg, spec, spec.build(seed=cfg.seed))
+
+
 def partition_fingerprint(fed: Federation) -> str:
     """SHA-256 of every client's training indices (equal iff the partitions are equal)."""
     h = hashlib.sha256()
@@ -200,12 +208,12 @@ def prepare_run(
         "partition_sha": partition_fingerprint(fed),
         "init_sha": state_fingerprint(model.state_dict()),
     }
+    server = info.server(cfg, spec, model)  # methods check their combination here
     if run_dir is None:
         run_dir = rundir.make_run_dir(cfg)
     plot_label_distribution(fed, run_dir / "label_distribution.png")
     if on_start is not None:
         on_start(run_dir, fed)
-    server = info.server(cfg, spec, model)
     factory = functools.partial(info.client, cfg, spec)
     run = PreparedRun(cfg, fed, spec, server, factory, dense, run_dir, t0)
     if cfg.engine.tensorboard:

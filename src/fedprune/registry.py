@@ -131,7 +131,7 @@ class MethodInfo:
             self._config = _resolve(self._config, f"method {self.name!r}")
         if self._config is not None and not dataclasses.is_dataclass(self._config):
             raise ConfigError(f"method {self.name!r}: its config must be a dataclass")
-        return self._config  # type: ignore[return-value]
+        return self._config
 
     @property
     def module(self) -> str:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedprune import registry
 from fedprune.config import RunConfig, config_from_dict, config_to_dict
-from fedprune.errors import ConfigError
+from fedprune.errors import ConfigError, elide
 
 __all__ = [
     "FlowerOptions",
@@ -39,6 +40,9 @@ class FlowerOptions:
     resume: str = ""
     """ServerApp: continue the unfinished run in this run directory (a path on the
     ServerApp's machine) from its checkpoint, with its own ``config.toml``."""
+    plugins: str = ""
+    """Comma-separated modules that register plugin methods (``fedprune.registry``),
+    imported by every ServerApp and ClientApp process before the config is read."""
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -52,8 +56,13 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_config_from_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
-    """A config as Flower run-config values (dotted keys)."""
-    return _flatten(config_to_dict(cfg))
+    """A config as Flower run-config values (dotted keys; ``flower.plugins`` names the
+    module of a plugin method so that client processes can import it)."""
+    out = _flatten(config_to_dict(cfg))
+    plugins = registry.plugin_modules(cfg.method)
+    if plugins:
+        out[_FLOWER_PREFIX + "plugins"] = ",".join(plugins)
+    return out
 
 
 def run_config_defaults() -> dict[str, bool | int | float | str]:
@@ -85,11 +94,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
         if key.startswith(_FLOWER_PREFIX):
             name = key[len(_FLOWER_PREFIX) :].replace("-", "_")
             if name not in known:
-                raise ConfigError(f"unknown Flower run-config key {key!r}")
-            if name == "resume":
+                raise ConfigError(f"unknown Flower run-config key {elide(repr(key), 60)}")
+            if name in ("resume", "plugins"):
                 if not isinstance(value, str):
-                    raise ConfigError(f"{key} must be a run directory path, got {value!r}")
-                options.resume = value
+                    raise ConfigError(f"{key} must be a string, got {elide(repr(value), 40)}")
+                setattr(options, name, value)
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
@@ -103,6 +112,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, Fl
                 raise ConfigError(f"{key}: {part!r} is a value, not a table")
             node = child
         node[last] = value
+    if options.plugins:
+        registry.load_plugins(options.plugins)  # before the method name is checked
     engine = nested.setdefault("engine", {})
     if isinstance(engine, dict):
         engine["name"] = "flower"

@@ -36,6 +36,7 @@ from fedprune.engines.common import (
     Resume,
     RoundAccounting,
     RoundCallback,
+    round_failed_message,
 )
 from fedprune.engines.flower.grid import PollingGrid
 from fedprune.engines.flower.runconfig import FlowerOptions
@@ -159,8 +160,12 @@ class FedpruneStrategy(Strategy):
 
     def _retry_until_enough(
         self, rnd: int, decoded: list[ClientReply]
-    ) -> tuple[list[ClientReply], dict[int, str], int]:
-        """Resample while fewer than ``federation.min_clients`` replies are usable.
+    ) -> tuple[list[ClientReply], dict[int, str], dict[int, str], int]:
+        """Validate the replies; resample while fewer than ``federation.min_clients`` are
+        accepted (sound and passing validation), as the in-process engine does.
+
+        Returns the accepted replies, the dropped clients, the rejected replies and the
+        attempts.
 
         Raises
         ------
@@ -170,19 +175,20 @@ class FedpruneStrategy(Strategy):
         fed_cfg = self.cfg.federation
         drops = dict(self._drops)
         attempt = 1
-        while len(decoded) < fed_cfg.min_clients:
+        with self.accounting.timer.phase("aggregate"):
+            sound, rejections = self.server.validate(decoded)
+        while len(sound) < fed_cfg.min_clients:
             if attempt > fed_cfg.max_retries or self._grid is None:
                 raise RoundFailedError(
-                    f"round {rnd}: fewer than federation.min_clients={fed_cfg.min_clients} "
-                    f"clients answered in {attempt} attempts; the {rnd - 1} finished rounds "
-                    "are saved"
+                    round_failed_message(rnd, fed_cfg.min_clients, attempt, drops, rejections)
                 )
             _LOG.warning(
-                "fedprune round %d: %d of %d clients answered (federation.min_clients=%d); "
-                "attempt %d",
+                "fedprune round %d: %d of %d clients answered, %d accepted "
+                "(federation.min_clients=%d); attempt %d",
                 rnd,
                 len(decoded),
                 len(self._cids),
+                len(sound),
                 fed_cfg.min_clients,
                 attempt,
             )
@@ -191,7 +197,10 @@ class FedpruneStrategy(Strategy):
             replies = self._grid.send_and_receive(messages, timeout=self.options.round_timeout)
             decoded = self._decode_replies("fit", replies, self._cids)
             drops.update(self._drops)
-        return decoded, drops, attempt
+            with self.accounting.timer.phase("aggregate"):
+                sound, rejected = self.server.validate(decoded)
+            rejections.update(rejected)
+        return sound, drops, rejections, attempt
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -200,12 +209,12 @@ class FedpruneStrategy(Strategy):
         rnd = server_round + self._offset
         acct = self.accounting
         decoded = self._decode_replies("fit", replies, self._cids)
-        decoded, drops, attempts = self._retry_until_enough(rnd, decoded)
+        decoded, drops, rejections, attempts = self._retry_until_enough(rnd, decoded)
         acct.timer.seconds["train"] = (
             acct.timer.seconds.get("train", 0.0) + time.perf_counter() - self._t_train
         )
         with acct.timer.phase("aggregate"):
-            extra = self.server.aggregate_fit(rnd, decoded)
+            extra = self.server.aggregate_fit(rnd, decoded, rejections)
         rec = acct.record(rnd, self._cids, decoded, extra, self.server.model, drops, attempts)
         acct.finish_round(
             rec,
