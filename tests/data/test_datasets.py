@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -246,12 +247,15 @@ def test_missing_folder_message_names_every_place(tmp_path: Path) -> None:
     _assert_one_line(
         exc,
         "'mnist'",
-        "--data-dir /tmp",
-        "/nowhere is missing",
+        f"--data-dir {missing} is missing",  # the whole path, before the files hint
         "$FEDPRUNE_DATA unset",
         "hub not tried (FEDPRUNE_OFFLINE=1)",
-        "mnist/train-images-idx3-ubyte.gz",
     )
+    # with a short path the line also says which files are needed
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="f") as short:
+        with pytest.raises(DataError) as exc:
+            load_dataset("mnist", data_dir=Path(short) / "x")
+        _assert_one_line(exc, f"{short}/x is missing", "mnist/train-images-idx3-ubyte.gz")
     # an existing folder without the files: it and its mnist/ were looked at
     with pytest.raises(DataError) as exc:
         load_dataset("mnist", data_dir=tmp_path)

@@ -1416,10 +1416,12 @@ def _not_found(info: DatasetInfo, data_dir: str | os.PathLike[str] | None, hub: 
         parts.append("$FEDPRUNE_DATA unset")
     parts.append(f", {hub}")
     hint = f"; needs {info.folder}/{info.files_hint}"
-    # only when each path can keep 40 characters
-    least = sum(len(p) if isinstance(p, str) else min(len(str(p)), 40) for p in parts)
-    if least + len(hint) <= _MAX_MESSAGE:
+    # the paths are what the user needs most: keep them whole, cut the hint's end instead
+    room = _MAX_MESSAGE - sum(len(str(p)) for p in parts)
+    if len(hint) <= room:
         parts.append(hint)
+    elif room >= 24:
+        parts.append(hint[: room - 3] + "...")
     return _fail(*parts)
 
 
