@@ -179,11 +179,12 @@ def run_one(
     eff = dense_kernel = 0.0
     for r in recs:
         samples = sum(sizes[c] for c in r["sampled"]) * cfg.train.local_epochs
-        eff += samples * 3 * float(r.get("train_effective_flops", r["effective_flops"]))
-        dense_kernel += samples * 3 * float(r.get("train_flops", r["flops"]))
-    explore = 3 * dense_f * float(recs[0].get("explore_sample_epochs", 0.0))
+        mm = r["method_metrics"]
+        eff += samples * 3 * float(mm.get("train_effective_flops", r["effective_flops"]))
+        dense_kernel += samples * 3 * float(mm.get("train_flops", r["flops"]))
+    explore = 3 * dense_f * float(recs[0]["method_metrics"].get("explore_sample_epochs", 0.0))
     up, down = s["total_bytes_up"], s["total_bytes_down"]
-    last = recs[-1]
+    last = recs[-1]["method_metrics"]
     return {
         "dataset": dataset,
         "method": method,
@@ -194,7 +195,7 @@ def run_one(
         "train_flops_effective": eff + explore,
         "train_flops_dense_kernels": dense_kernel + explore,
         "explore_flops": explore,
-        "explore_epochs_mean": recs[0].get("explore_epochs_mean"),
+        "explore_epochs_mean": recs[0]["method_metrics"].get("explore_epochs_mean"),
         "mb_total": (up + down) / MB,
         "mb_up": up / MB,
         "mb_down": down / MB,
@@ -213,7 +214,7 @@ def run_one(
             {
                 "round": r["round"],
                 "accuracy": r["test_accuracy"],
-                "unstructured_sparsity": r.get("unstructured_sparsity"),
+                "unstructured_sparsity": r["method_metrics"].get("unstructured_sparsity"),
                 "cum_mb": (r["cum_bytes_up"] + r["cum_bytes_down"]) / MB,
             }
             for r in recs

@@ -162,8 +162,9 @@ def run_one(cfg: RunConfig, fed: Any, latency_runs: int) -> dict[str, Any]:
     mb = (s["total_bytes_up"] + s["total_bytes_down"]) / MB
     first = (recs[0]["bytes_up"] + recs[0]["bytes_down"]) / MB
     last = (recs[-1]["bytes_up"] + recs[-1]["bytes_down"]) / MB
-    widths = {k[len("width/") :]: int(v) for k, v in recs[-1].items() if k.startswith("width/")}
-    accepted = [r["round"] for r in recs if r.get("accepted") == 1.0]
+    last_mm = recs[-1]["method_metrics"]
+    widths = {k[len("width/") :]: int(v) for k, v in last_mm.items() if k.startswith("width/")}
+    accepted = [r["round"] for r in recs if r["method_metrics"].get("accepted") == 1.0]
     out: dict[str, Any] = {
         "method": cfg.method,
         "k": cfg.structured.k if cfg.method == "autostructured" else None,

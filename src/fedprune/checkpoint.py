@@ -45,6 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
+from fedprune.engines.common import RoundRecord
 from fedprune.errors import UserInputError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -160,7 +161,7 @@ class Checkpoint:
     round: int
     server: dict[str, Any]
     engine: dict[str, Any]
-    records: list[dict[str, Any]]
+    records: list[RoundRecord]
     fingerprints: dict[str, str]
 
 

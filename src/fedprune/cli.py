@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,7 +71,7 @@ def _build_config(config: Path | None, sets: list[str] | None, flags: dict[str, 
     return load_config(config, sets or (), values)
 
 
-def _fmt_round(rec: dict[str, Any], rounds: int) -> str:
+def _fmt_round(rec: Mapping[str, Any], rounds: int) -> str:
     acc = rec.get("test_accuracy")
     acc_s = f"{100 * acc:5.1f}%" if acc is not None else "   -  "
     up, down = rec["bytes_up"] / MB, rec["bytes_down"] / MB
@@ -161,7 +162,7 @@ def run(
                 soft_wrap=True,
             )
 
-    def on_round(rec: dict[str, Any]) -> None:
+    def on_round(rec: Mapping[str, Any]) -> None:
         if not quiet:
             progress.console.print(_fmt_round(rec, rounds_total), soft_wrap=True)
         progress.advance(task)
@@ -394,7 +395,7 @@ def compare(
     def on_run_start(method: str, seed: int, index: int, count: int) -> None:
         progress.update(task, description=f"{method} (seed {seed}) {index + 1}/{count}")
 
-    def on_round(method: str, seed: int, rec: dict[str, Any]) -> None:
+    def on_round(method: str, seed: int, rec: Mapping[str, Any]) -> None:
         progress.advance(task)
         if not quiet and rec["round"] == cfg.federation.rounds:
             acc = rec.get("test_accuracy")

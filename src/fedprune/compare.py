@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +45,7 @@ class MethodRuns:
     method: str
     run_dirs: list[Path]
     summaries: list[dict[str, Any]]
-    records: list[list[dict[str, Any]]]
+    records: list[Sequence[Mapping[str, Any]]]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -99,7 +99,7 @@ def check_combinations(
     return feds
 
 
-def reach(records: Sequence[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
+def reach(records: Sequence[Mapping[str, Any]], target: float) -> tuple[int | None, float | None]:
     """First round at which test accuracy >= target, and the cumulative MB (up + down) then."""
     for r in records:
         acc = r.get("test_accuracy")
@@ -200,7 +200,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], target: float | None) -> str:
 
 
 def _curves(
-    mr: MethodRuns, x_key: Callable[[dict[str, Any]], float]
+    mr: MethodRuns, x_key: Callable[[Mapping[str, Any]], float]
 ) -> tuple[list[float], list[float]]:
     """Mean accuracy curve over seeds (seeds share the evaluation rounds)."""
     per_seed = [

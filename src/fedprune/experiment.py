@@ -24,7 +24,7 @@ from fedprune.config import RunConfig, load_config
 from fedprune.core.accounting import ModelStatsCounter
 from fedprune.data import build_federation, load_dataset, plot_label_distribution
 from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Resume
+from fedprune.engines.common import CheckpointFn, Engine, Resume, RoundCallback, RoundRecord
 from fedprune.engines.inprocess import InProcessEngine
 from fedprune.errors import RoundFailedError, UserInputError
 from fedprune.methods.base import ClientMethod, ModelSpec, ServerMethod
@@ -37,7 +37,7 @@ class RunResult:
 
     run_dir: Path
     summary: dict[str, Any]
-    records: list[dict[str, Any]]
+    records: list[RoundRecord]
     model: torch.nn.Module
 
 
@@ -89,7 +89,7 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
 
 def summarize(
     cfg: RunConfig,
-    records: list[dict[str, Any]],
+    records: list[RoundRecord],
     dense: dict[str, Any],
     wall_s: float,
 ) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def summarize(
         "seed": cfg.seed,
         "rounds": len(records),
         "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
+        "best_accuracy": max(a for a in accs if a is not None) if accs else None,
         "final_loss": last.get("test_loss"),
         "final_sparsity": last["sparsity"],
         "dense_params": dense["params"],
@@ -162,19 +162,17 @@ class PreparedRun:
             return None
         prints = self.fingerprints()
 
-        def _save(rnd: int, records: list[dict[str, Any]], engine: dict[str, Any]) -> None:
+        def _save(rnd: int, records: list[RoundRecord], engine: dict[str, Any]) -> None:
             fault_point("after-metrics", rnd)
             state = self.server.checkpoint_state()
             save_checkpoint(self.run_dir, Checkpoint(rnd, state, engine, records, prints))
 
         return _save
 
-    def on_round(
-        self, then: Callable[[dict[str, Any]], None] | None = None
-    ) -> Callable[[dict[str, Any]], None]:
+    def on_round(self, then: RoundCallback | None = None) -> RoundCallback:
         """A round callback that appends to ``metrics.jsonl``, then calls ``then``."""
 
-        def _on_round(rec: dict[str, Any]) -> None:
+        def _on_round(rec: RoundRecord) -> None:
             rundir.append_metrics(self.run_dir, rec)
             if self.tensorboard is not None:
                 self.tensorboard(rec)
@@ -223,7 +221,7 @@ def prepare_run(
     return run
 
 
-def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
+def finish_run(run: PreparedRun, records: list[RoundRecord]) -> RunResult:
     """Write ``summary.json``, the final model and the plots; return the result."""
     from fedprune.plots import plot_run  # matplotlib: imported only when plotting
 
@@ -248,7 +246,7 @@ def finish_run(run: PreparedRun, records: list[dict[str, Any]]) -> RunResult:
     return RunResult(run.run_dir, summary, records, server.model)
 
 
-def make_engine(run: PreparedRun) -> Any:
+def make_engine(run: PreparedRun) -> Engine:
     """The configured engine for a prepared run."""
     if run.cfg.engine.name == "flower":
         # optional dependency; each Ray actor loads its own federation with this module's
@@ -262,7 +260,7 @@ def make_engine(run: PreparedRun) -> Any:
 
 def _execute(
     run: PreparedRun,
-    on_round: Callable[[dict[str, Any]], None] | None,
+    on_round: RoundCallback | None,
     resume: Resume | None = None,
 ) -> RunResult:
     engine = make_engine(run)
@@ -280,7 +278,7 @@ def run_experiment(
     cfg: RunConfig,
     *,
     fed: Federation | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: RoundCallback | None = None,
     on_start: Callable[[Path, Federation], None] | None = None,
 ) -> RunResult:
     """Run one federated experiment and write its run directory.
@@ -365,7 +363,7 @@ def resume_experiment(
     run_dir: str | Path,
     *,
     cfg: RunConfig | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: RoundCallback | None = None,
     on_start: Callable[[Path, Federation], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
 ) -> RunResult:

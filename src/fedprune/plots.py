@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt
 MB = 1e6
 
 
-def _evaluated(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _evaluated(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if r.get("test_accuracy") is not None]
 
 
-def plot_run(records: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+def plot_run(records: Sequence[Mapping[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """Write ``accuracy.png`` and ``accuracy_vs_mb.png``; return their paths."""
     ev = _evaluated(records)
     paths: list[Path] = []

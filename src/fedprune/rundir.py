@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
     """Append one round's record to ``metrics.jsonl`` (flushed, so a crash keeps it)."""
     with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
@@ -84,7 +85,7 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+def write_metrics(run_dir: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Replace ``metrics.jsonl`` with ``records`` atomically (what a resume starts from)."""
     path = run_dir / METRICS
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -8,6 +8,7 @@ one-line configuration error.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,15 @@ class TensorBoardLogger:
             ) from None
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
-    def __call__(self, rec: dict[str, Any]) -> None:
+    def __call__(self, rec: Mapping[str, Any]) -> None:
         step = int(rec["round"])
         for key, tag in SCALARS.items():
             value = rec.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self.writer.add_scalar(tag, float(value), step)
+        for key, value in (rec.get("method_metrics") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(f"method/{key}", float(value), step)
         mb = (rec.get("cum_bytes_up", 0) + rec.get("cum_bytes_down", 0)) / 1e6
         self.writer.add_scalar("traffic/cumulative_mb", mb, step)
         self.writer.flush()

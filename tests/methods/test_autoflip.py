@@ -208,21 +208,23 @@ def test_mask_is_monotone_unless_regrowth(regrow: bool) -> None:
     _set_guidance(server, {0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0})  # 2, 3 rank in reverse
     server.configure_fit(2, [0, 1])
     first = {n: m.clone() for n, m in server.masks.items()}  # type: ignore[union-attr]
+    server.take_reports()
     server.configure_fit(3, [2, 3])
+    reports = server.take_reports()
     second = server.masks
     assert second is not None
     grew = sum(int((second[n] & ~first[n]).sum()) for n in first)
     if regrow:
         assert grew > 0
-        assert server._pending["regrown"] == grew
+        assert reports["regrown"] == grew
     else:
         assert grew == 0
         for n in first:
             assert torch.all(second[n] <= first[n])
         # the budget (T_p of the entries) is spent: the round's guidance changes nothing,
         # though its own mask disagrees with the one in force
-        assert server._pending["newly_pruned"] == 0
-        assert server._pending["refresh_disagreement"] > 0.1
+        assert reports["newly_pruned"] == 0
+        assert reports["refresh_disagreement"] > 0.1
     # pruned weights are zero in the broadcast model
     params = dict(server.model.named_parameters())
     for n, m in second.items():
@@ -231,7 +233,7 @@ def test_mask_is_monotone_unless_regrowth(regrow: bool) -> None:
     server.guidance = {}
     server.configure_fit(4, [0, 1])
     assert all(torch.equal(server.masks[n], second[n]) for n in second)  # type: ignore[index]
-    assert server._pending["mask_refreshed"] == 0.0
+    assert server.take_reports()["mask_refreshed"] == 0.0
 
 
 def test_bad_explorer_replies_are_rejected() -> None:
@@ -290,7 +292,8 @@ def test_end_to_end_shrinks_flops_and_counts_exploration(tmp_path: Path) -> None
     assert r3["flops"] < res.summary["dense_flops"]
     assert r3["params"] < res.summary["dense_params"]
     assert r3["effective_flops"] < r3["flops"]
-    assert r1["explorers"] == 2 and r1["explore_sample_epochs"] > 0
+    m1, m3 = r1["method_metrics"], r3["method_metrics"]
+    assert m1["explorers"] == 2 and m1["explore_sample_epochs"] > 0
     # exploration: 2 explorers each received theta_0 and uploaded a full guidance set,
     # all charged to round 1 (on top of round 1's own traffic)
     dense_model_bytes = 4 * res.summary["dense_params"]
@@ -299,6 +302,7 @@ def test_end_to_end_shrinks_flops_and_counts_exploration(tmp_path: Path) -> None
     assert r1["bytes_up"] > r2["bytes_up"] + 2 * dense_model_bytes * 0.8
     for r in res.records:
         assert r["rejected"] == 0
-        assert 0 < r["structured_sparsity"] < 1 and 0 < r["unstructured_sparsity"] < 1
-        assert r["total_sparsity"] > r["unstructured_sparsity"]
-    assert r3["unstructured_sparsity"] >= r1["unstructured_sparsity"]  # monotone
+        m = r["method_metrics"]
+        assert 0 < m["structured_sparsity"] < 1 and 0 < m["unstructured_sparsity"] < 1
+        assert m["total_sparsity"] > m["unstructured_sparsity"]
+    assert m3["unstructured_sparsity"] >= m1["unstructured_sparsity"]  # monotone

@@ -152,7 +152,7 @@ def test_three_round_run_shrinks_and_clients_train_the_small_model(
     res = run_experiment(cfg)
     recs, s = res.records, res.summary
     assert s["final_params"] < s["dense_params"] and s["final_flops"] < s["dense_flops"]
-    assert recs[0]["accepted"] == 1.0
+    assert recs[0]["method_metrics"]["accepted"] == 1.0
     # round 1 ships the dense model; later rounds ship (and train) the shrunk one
     assert recs[1]["bytes_down"] < recs[0]["bytes_down"]
     assert recs[1]["bytes_up"] < recs[0]["bytes_up"]

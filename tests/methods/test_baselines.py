@@ -398,14 +398,14 @@ def test_end_to_end_omp(tmp_path: Path) -> None:
     assert [r["sparsity"] for r in recs[:1]] == [0.0]
     assert recs[1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     assert recs[2]["sparsity"] == recs[1]["sparsity"]
-    assert [r["target_sparsity"] for r in recs] == [0.0, 0.8, 0.8]
+    assert [r["method_metrics"]["target_sparsity"] for r in recs] == [0.0, 0.8, 0.8]
 
 
 def test_end_to_end_random(tmp_path: Path) -> None:
     recs = _run(tmp_path, "random")
     sp = [r["sparsity"] for r in recs]
     assert sp == sorted(sp) and sp[-1] == pytest.approx(0.8, abs=1e-4)
-    assert [r["target_sparsity"] for r in recs] == pytest.approx([0.0, 0.7, 0.8])
+    assert [r["method_metrics"]["target_sparsity"] for r in recs] == pytest.approx([0.0, 0.7, 0.8])
 
 
 @pytest.mark.parametrize("method", ["snip", "grasp"])
@@ -424,11 +424,12 @@ def test_end_to_end_prunefl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(PruneFLServer, "init_epochs", 2)
     recs = _run(tmp_path, "prunefl", "pruning.readjust_every=1")
     expected = [0.3 * 0.5 ** (r / 3) for r in (1, 2, 2)]  # no readjustment after the last round
-    assert [r["target_sparsity"] for r in recs] == pytest.approx(expected, abs=1e-4)
-    for r in recs:
-        assert r["mask_sparsity"] == pytest.approx(r["target_sparsity"], abs=1e-4)
+    mm = [r["method_metrics"] for r in recs]
+    assert [m["target_sparsity"] for m in mm] == pytest.approx(expected, abs=1e-4)
+    for r, m in zip(recs, mm, strict=True):
+        assert m["mask_sparsity"] == pytest.approx(m["target_sparsity"], abs=1e-4)
         # regrown weights are still exactly zero until trained
-        assert r["sparsity"] >= r["mask_sparsity"] - 1e-4
+        assert r["sparsity"] >= m["mask_sparsity"] - 1e-4
     # importance travels up on readjustment rounds only
     assert recs[1]["bytes_up"] > 1.5 * recs[2]["bytes_up"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 from torch import nn
@@ -85,11 +85,80 @@ def injected_failures(cfg: RunConfig, rnd: int, attempt: int, cids: list[int]) -
     return frozenset(c for c in cids if injected_failure(cfg.engine.fail_rate, seed, c))
 
 
-CheckpointFn = Callable[[int, list[dict[str, Any]], dict[str, Any]], None]
+class RoundRecord(TypedDict, total=False):
+    """One round's record: a line of ``metrics.jsonl`` and what ``on_round`` receives.
+
+    Everything is measured by the engine (the accounting) except ``method_metrics``, the
+    method's own namespace: what its server half returned from ``after_aggregate`` and
+    reported through :meth:`~fedprune.methods.base.ServerMethod.report` during the round
+    (and, in round 1, during setup). A method metric can therefore never overwrite an
+    accounting key.
+    """
+
+    round: int
+    clients: int
+    """Replies accepted and aggregated."""
+    sampled: list[int]
+    test_loss: float | None
+    test_accuracy: float | None
+    local_test_accuracy: float | None
+    train_loss: float | None
+    sparsity: float
+    params: int
+    nonzero_params: int
+    flops: int
+    effective_flops: float
+    bytes_up: int
+    bytes_down: int
+    cum_bytes_up: int
+    cum_bytes_down: int
+    dense_bytes_up: int
+    dense_bytes_down: int
+    cum_dense_bytes_up: int
+    cum_dense_bytes_down: int
+    time_setup_s: float
+    time_train_s: float
+    time_aggregate_s: float
+    time_evaluate_s: float
+    time_checkpoint_s: float
+    rejected: int
+    """Replies that failed validation (``rejections``: ``{cid: reason}``)."""
+    rejections: dict[int, str]
+    failed: int
+    """Clients dropped (``failures``: ``{cid: reason}``) over ``attempts`` attempts."""
+    failures: dict[int, str]
+    attempts: int
+    method_metrics: dict[str, Any]
+    round_s: float
+    wall_s: float
+
+
+ACCOUNTING_KEYS = frozenset(RoundRecord.__annotations__) - {"method_metrics"}
+"""Keys the engine owns; ``rejected`` and ``rejections`` come from the server half's
+validation, everything else in what ``aggregate_fit`` returns is a method metric."""
+
+CheckpointFn = Callable[[int, list[RoundRecord], dict[str, Any]], None]
 """Called after each round with ``(round, records so far, engine state)``."""
 
-RoundCallback = Callable[[dict[str, Any]], None]
+RoundCallback = Callable[[RoundRecord], None]
 """Called with each round's record as soon as it exists."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine offers ``fedprune.experiment``: run setup and every round of a
+    prepared run and return one :class:`RoundRecord` per round."""
+
+    def run(
+        self,
+        on_round: RoundCallback | None = None,
+        *,
+        resume: Resume | None = None,
+        checkpoint: CheckpointFn | None = None,
+    ) -> list[RoundRecord]:
+        """Run (or, with ``resume``, continue) the federation; ``on_round`` gets each
+        record as soon as it exists, ``checkpoint`` is called after it."""
+        ...
 
 
 @dataclass
@@ -97,7 +166,7 @@ class Resume:
     """Where a resumed run continues: after ``round``, with its records and engine state."""
 
     round: int
-    records: list[dict[str, Any]]
+    records: list[RoundRecord]
     engine: dict[str, Any]
 
 
@@ -155,7 +224,7 @@ class RoundAccounting:
     # -- the run --------------------------------------------------------------------
     def start(
         self, server: ServerMethod, io: FederatedIO, resume: Resume | None
-    ) -> list[dict[str, Any]]:
+    ) -> list[RoundRecord]:
         """Before the first round: restore a resumed run's counters and sampler, or run
         the server half's setup phase (its traffic is charged to round 1). Returns the
         records of the rounds already finished."""
@@ -177,8 +246,8 @@ class RoundAccounting:
 
     def finish_round(
         self,
-        rec: dict[str, Any],
-        records: list[dict[str, Any]],
+        rec: RoundRecord,
+        records: list[RoundRecord],
         *,
         t_round: float,
         t_start: float,
@@ -253,7 +322,7 @@ class RoundAccounting:
         model: nn.Module,
         failures: Mapping[int, str] | None = None,
         attempts: int = 1,
-    ) -> dict[str, Any]:
+    ) -> RoundRecord:
         """The round's metrics record (evaluation included; ``round_s``/``wall_s`` not).
 
         Parameters
@@ -274,7 +343,7 @@ class RoundAccounting:
             failures or retries.
         """
         cfg = self.cfg
-        rec: dict[str, Any] = {"round": rnd, "clients": len(replies), "sampled": cids}
+        rec: RoundRecord = {"round": rnd, "clients": len(replies), "sampled": cids}
         do_eval = rnd % cfg.federation.eval_every == 0 or rnd == cfg.federation.rounds
         with self.timer.phase("evaluate"):
             if do_eval:
@@ -292,25 +361,28 @@ class RoundAccounting:
             else None
         )
         t = self.traffic
-        rec.update(
-            sparsity=stats.sparsity,
-            params=stats.params,
-            nonzero_params=stats.nonzero_params,
-            flops=stats.flops,
-            effective_flops=stats.effective_flops,
-            bytes_up=t.up,
-            bytes_down=t.down,
-            cum_bytes_up=t.cum_up,
-            cum_bytes_down=t.cum_down,
-            dense_bytes_up=t.dense_up,
-            dense_bytes_down=t.dense_down,
-            cum_dense_bytes_up=t.cum_dense_up,
-            cum_dense_bytes_down=t.cum_dense_down,
-        )
-        rec.update({f"time_{k}_s": v for k, v in self.timer.seconds.items()})
-        rec.update(extra)
+        rec["sparsity"] = stats.sparsity
+        rec["params"] = stats.params
+        rec["nonzero_params"] = stats.nonzero_params
+        rec["flops"] = stats.flops
+        rec["effective_flops"] = stats.effective_flops
+        rec["bytes_up"], rec["bytes_down"] = t.up, t.down
+        rec["cum_bytes_up"], rec["cum_bytes_down"] = t.cum_up, t.cum_down
+        rec["dense_bytes_up"], rec["dense_bytes_down"] = t.dense_up, t.dense_down
+        rec["cum_dense_bytes_up"] = t.cum_dense_up
+        rec["cum_dense_bytes_down"] = t.cum_dense_down
+        times: dict[str, Any] = {f"time_{k}_s": v for k, v in self.timer.seconds.items()}
+        rec.update(times)  # type: ignore[typeddict-item]
+        method = dict(extra)
+        if "rejected" in method:
+            rec["rejected"] = int(method.pop("rejected"))
+        if "rejections" in method:
+            rec["rejections"] = method.pop("rejections")
+        rec["method_metrics"] = method
         if failures or attempts > 1:
-            rec.update(failed=len(failures or {}), failures=dict(failures or {}), attempts=attempts)
+            rec["failed"] = len(failures or {})
+            rec["failures"] = dict(failures or {})
+            rec["attempts"] = attempts
         return rec
 
     def local_accuracy(self, model: nn.Module) -> float | None:

@@ -30,6 +30,7 @@ from fedprune.engines.common import (
     Resume,
     RoundAccounting,
     RoundCallback,
+    RoundRecord,
     round_failed_message,
 )
 from fedprune.errors import RoundFailedError
@@ -214,7 +215,7 @@ class InProcessEngine:
         *,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[RoundRecord]:
         """Run setup and every round; return one metrics record per round.
 
         Parameters

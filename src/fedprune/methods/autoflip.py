@@ -182,7 +182,6 @@ class AutoFlipServer(ServerMethod):
         "explore_rejections",
         "unit_totals",
         "removed_units",
-        "_pending",
     )
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
@@ -201,8 +200,6 @@ class AutoFlipServer(ServerMethod):
         self.removed_units: dict[str, list[int]] = {}
         """Prunable layer -> indices (in the initial layer) of the units removed."""
         self._stats = ModelStatsCounter(spec.input_shape)
-        self._pending: dict[str, float] = {}
-        self._train_flops: tuple[float, float] | None = None
         self._index: dict[str, torch.Tensor] = {}
         self._index_key = ""
 
@@ -253,7 +250,7 @@ class AutoFlipServer(ServerMethod):
                 sum(e["epochs"] * e["num_examples"] for e in ex)
             )
             pending["explore_loss"] = float(np.mean([e["loss"] for e in ex]))
-        self._pending.update(pending)
+        self.report(**pending)
         if not self.guidance:  # nobody explored soundly: stay dense, say so
             return
         if self.af.structured:
@@ -370,9 +367,9 @@ class AutoFlipServer(ServerMethod):
         the kept entries the round's own mask would have pruned.
         """
         have = [c for c in cids if c in self.guidance]
-        self._pending["explorers_in_round"] = float(len(have))
+        self.report(explorers_in_round=float(len(have)))
         if not have or self.masks is None:
-            self._pending["mask_refreshed"] = 0.0
+            self.report(mask_refreshed=0.0)
             return
         values = self.guidance_scores([self.guidance[c] for c in have])
         own = select_lowest(values, self.af.threshold, ties="threshold")
@@ -384,7 +381,7 @@ class AutoFlipServer(ServerMethod):
             else select_lowest(values, self.af.threshold, current=self.masks, ties="threshold")
         )
         regrown, newly = self.install(new, monotone=not self.af.regrow)
-        self._pending.update(
+        self.report(
             mask_refreshed=1.0,
             regrown=float(regrown),
             newly_pruned=float(newly),
@@ -397,17 +394,14 @@ class AutoFlipServer(ServerMethod):
         if self.af.refresh and rnd > 1:
             self.refresh(cids)
         stats = self._stats(self.model)
-        self._train_flops = (float(stats.flops), float(stats.effective_flops))
+        self.report(
+            train_flops=float(stats.flops), train_effective_flops=float(stats.effective_flops)
+        )
         return super().configure_fit(rnd, cids)
 
     def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
         """The round's pruning metrics (see the module docstring)."""
-        metrics = dict(self._pending)
-        self._pending = {}
-        metrics.update(self.sparsity_report())
-        if self._train_flops is not None:
-            metrics["train_flops"], metrics["train_effective_flops"] = self._train_flops
-        return metrics
+        return self.sparsity_report()
 
     def sparsity_report(self) -> dict[str, float]:
         """Structured, unstructured and total sparsity of the global model now."""

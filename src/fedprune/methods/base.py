@@ -175,11 +175,29 @@ class ServerMethod:
         self.masks: Masks | None = None
         self.history: list[dict[str, Any]] = []
         """Structured-pruning history of ``model`` (empty: the initial architecture)."""
+        self._reports: dict[str, float] = {}
         self.momentum = (
             ServerMomentum(cfg.federation.server_momentum)
             if cfg.federation.aggregation == "fedavgm"
             else None
         )
+
+    # -- the metrics channel ----------------------------------------------------------
+    def report(self, **metrics: float) -> None:
+        """Hand figures to the current round's record (``method_metrics``).
+
+        For figures a method produces outside ``after_aggregate``: during ``setup``
+        (they go into round 1's record), in ``configure_fit`` or in ``aggregate``. A later
+        report of the same name in the same round wins. The channel is emptied into
+        each round's record by :meth:`aggregate_fit`, so it is always empty at a
+        checkpoint.
+        """
+        self._reports.update(metrics)
+
+    def take_reports(self) -> dict[str, float]:
+        """The figures reported since the last call (and forget them)."""
+        out, self._reports = self._reports, {}
+        return out
 
     # -- hooks an engine calls -------------------------------------------------------
     def setup(self, io: FederatedIO) -> None:
@@ -229,12 +247,15 @@ class ServerMethod:
         if rejections:
             metrics["rejections"] = rejections
         if not sound:
+            metrics.update(self.take_reports())
             return metrics
         new_state = self.aggregate(rnd, sound)
         self.model.load_state_dict(new_state)
         if self.masks is not None:
             apply_masks(self.model, self.masks)
-        metrics.update(self.after_aggregate(rnd, sound))
+        after = self.after_aggregate(rnd, sound)
+        metrics.update(self.take_reports())  # setup, configure_fit, aggregate: this round's
+        metrics.update(after)
         if self.momentum is not None and self.masks is not None:
             self.momentum.mask_velocity(self.masks)
         return metrics

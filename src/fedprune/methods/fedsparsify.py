@@ -132,17 +132,16 @@ class FedSparsifyLocalServer(ScheduledPruningServer):
                 mv = kept.sum(0) >= need if merge == "majority_nnz" else denom > 0
             out[name] = torch.where(mv, merged, 0.0).to(out[name].dtype)
             vote_masks[name] = mv
-        self._votes = vote_masks
+        self.report(vote_sparsity=mask_sparsity(vote_masks))
         return out
 
     def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
         """The merged non-zero pattern becomes the global mask (intersected: no regrowth)."""
+        # the merge zeroed every entry its vote removed, so the non-zero pattern is the
+        # vote intersected with the previous mask (no regrowth)
         params = dict(self.model.named_parameters())
-        self.set_masks({n: self._votes[n] & (params[n] != 0) for n in self.scope})
-        return {
-            "target_sparsity": self.schedule.sparsity(rnd),
-            "vote_sparsity": mask_sparsity(self._votes),
-        }
+        self.set_masks({n: params[n].detach() != 0 for n in self.scope})
+        return {"target_sparsity": self.schedule.sparsity(rnd)}
 
 
 class FedSparsifyClient(ClientMethod):

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprune.config import RunConfig
 from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Resume, RoundCallback
+from fedprune.engines.common import CheckpointFn, Resume, RoundCallback, RoundRecord
 from fedprune.engines.flower.runconfig import config_from_run_config
 from fedprune.engines.flower.strategy import FedpruneStrategy
 from fedprune.methods.base import ServerMethod
@@ -70,7 +70,7 @@ def make_server_app(
     *,
     prepare_run: Callable[[RunConfig], R],
     prepare_resume: Callable[[Path], tuple[R, Resume | None]],
-    finish_run: Callable[[R, list[dict[str, Any]]], FinishedRun],
+    finish_run: Callable[[R, list[RoundRecord]], FinishedRun],
 ) -> ServerApp:
     """The fedprune ServerApp: config from the run config.
 

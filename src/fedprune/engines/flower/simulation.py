@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedprune.config import RunConfig
 from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Resume, RoundCallback
+from fedprune.engines.common import CheckpointFn, Resume, RoundCallback, RoundRecord
 from fedprune.engines.flower.client import ClientBuilder, make_client_app
 from fedprune.engines.flower.runconfig import FlowerOptions
 from fedprune.engines.flower.strategy import FedpruneStrategy
@@ -65,7 +64,7 @@ class FlowerSimulationEngine:
         *,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[RoundRecord]:
         """Run setup and every round on Flower; return one metrics record per round
         (``resume`` and ``checkpoint`` as for the in-process engine)."""
         _set_flower_env()

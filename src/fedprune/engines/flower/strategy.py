@@ -36,6 +36,7 @@ from fedprune.engines.common import (
     Resume,
     RoundAccounting,
     RoundCallback,
+    RoundRecord,
     round_failed_message,
 )
 from fedprune.engines.flower.grid import PollingGrid
@@ -61,7 +62,8 @@ _LOG = logging.getLogger("flwr.fedprune")
 
 def _numeric_metrics(rec: Mapping[str, Any]) -> MetricRecord:
     out: dict[str, int | float] = {}
-    for k, v in rec.items():
+    method = {f"method/{k}": v for k, v in (rec.get("method_metrics") or {}).items()}
+    for k, v in [*rec.items(), *method.items()]:
         if isinstance(v, bool) or not isinstance(v, int | float):
             continue
         if isinstance(v, float) and not math.isfinite(v):
@@ -116,7 +118,7 @@ class FedpruneStrategy(Strategy):
         self.accounting = RoundAccounting(cfg, fed, server.model)
         self.resume = resume
         self.checkpoint = checkpoint
-        self.records: list[dict[str, Any]] = []
+        self.records: list[RoundRecord] = []
         self._offset = 0
         """Rounds finished before this process started (Flower counts from 1 again)."""
         self.node_of: dict[int, int] = {}
@@ -256,7 +258,7 @@ class FedpruneStrategy(Strategy):
         return self._decode_replies(task, replies, list(payloads))
 
     # -- the run ----------------------------------------------------------------------
-    def run(self, grid: Grid) -> list[dict[str, Any]]:
+    def run(self, grid: Grid) -> list[RoundRecord]:
         """Map clients to nodes, run the setup phase and every round; return the records."""
         grid = PollingGrid(grid, self.options.poll_interval)
         self._grid = grid
