@@ -72,3 +72,28 @@ def test_round_trip_through_toml_and_dict() -> None:
 def test_fraction_of_clients() -> None:
     cfg = load_config(overrides=["data.num_clients=100", "federation.clients_per_round=0.1"])
     assert cfg.clients_per_round() == 10
+
+
+def test_train_settings_cover_every_train_key() -> None:
+    """TrainSettings is what [train] describes for one round: one mapping, all keys used."""
+    from dataclasses import fields
+
+    from fedprune.core.training import TrainSettings
+
+    cfg = load_config(
+        overrides=[
+            "train.local_epochs=3",
+            "train.batch_size=7",
+            "train.lr=0.3",
+            "train.optimizer='adam'",
+            "train.momentum=0.5",
+            "train.weight_decay=0.01",
+        ]
+    )
+    s = TrainSettings.from_config(cfg.train, lr=0.15)
+    assert (s.epochs, s.batch_size, s.lr, s.optimizer) == (3, 7, 0.15, "adam")
+    assert (s.momentum, s.weight_decay) == (0.5, 0.01)
+    assert TrainSettings.from_config(cfg.train).lr == 0.3
+    # every [train] key is either a setting or the per-round decay the server applies
+    keys = {f.name for f in fields(cfg.train)}
+    assert len(fields(TrainSettings)) == len(keys) - 1 and "lr_decay" in keys

@@ -11,7 +11,7 @@ from fedprune.core.select import prune_count, select_lowest
 
 
 def test_polynomial_schedule_at_start_middle_and_end() -> None:
-    s = Schedule(final=0.9, total=101, start=1, exponent=3)
+    s = Schedule(final_sparsity=0.9, total=101, start_round=1, exponent=3)
     assert s.sparsity(1) == pytest.approx(0.0)  # t~ = t0: s_0
     # midway: t = 51 -> frac = 0.5 -> 0.9 + (0 - 0.9) * 0.5**3
     assert s.sparsity(51) == pytest.approx(0.9 - 0.9 * 0.125)
@@ -22,20 +22,20 @@ def test_polynomial_schedule_at_start_middle_and_end() -> None:
 
 
 def test_polynomial_schedule_frequency_holds_between_pruning_rounds() -> None:
-    s = Schedule(final=0.8, total=20, start=1, frequency=4, exponent=1)
+    s = Schedule(final_sparsity=0.8, total=20, start_round=1, frequency=4, exponent=1)
     assert s.sparsity(5) == s.sparsity(7) == pytest.approx(0.8 * 3 / 19)
     assert s.prunes_at(8) and not s.prunes_at(9)
     assert s.sparsity(20) == pytest.approx(0.8)
 
 
 def test_schedule_before_start_and_initial_sparsity() -> None:
-    s = Schedule(final=0.9, total=10, initial=0.5, start=3, exponent=1)
+    s = Schedule(final_sparsity=0.9, total=10, initial_sparsity=0.5, start_round=3, exponent=1)
     assert s.sparsity(2) == 0.0 and not s.prunes_at(2)
     assert s.sparsity(3) == pytest.approx(0.5)
 
 
 def test_nnz_rate_schedule() -> None:
-    s = Schedule(final=0.99, total=50, kind="nnz_rate", rate=0.1, frequency=2)
+    s = Schedule(final_sparsity=0.99, total=50, schedule="nnz_rate", nnz_rate=0.1, frequency=2)
     assert s.sparsity(1) == pytest.approx(0.1)
     assert s.sparsity(2) == pytest.approx(0.1)
     assert s.sparsity(3) == pytest.approx(1 - 0.9**2)
@@ -85,3 +85,19 @@ def test_purge_never_revives() -> None:
 def test_purge_rejects_bad_sparsity() -> None:
     with pytest.raises(ValueError):
         select_lowest(Magnitude()({"w": torch.ones(3)}), 1.0)
+
+
+def test_schedule_fields_are_the_pruning_keys() -> None:
+    """Schedule and [pruning] describe the schedule once: same names, copied by name."""
+    from dataclasses import fields
+
+    from fedprune.config import PruningConfig, load_config
+    from fedprune.core.schedule import schedule_from_config
+
+    names = {f.name for f in fields(Schedule)} - {"total"}
+    assert names <= {f.name for f in fields(PruningConfig)}
+    cfg = load_config(
+        overrides=["pruning.final_sparsity=0.7", "pruning.start_round=3", "federation.rounds=9"]
+    )
+    s = schedule_from_config(cfg)
+    assert (s.final_sparsity, s.start_round, s.total) == (0.7, 3, 9)

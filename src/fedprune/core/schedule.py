@@ -18,7 +18,7 @@ Both are non-decreasing in ``t``, so a method that prunes to ``s_t`` never regro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,45 +27,53 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A sparsity schedule over ``total`` rounds."""
+    """A sparsity schedule over ``total`` rounds.
 
-    final: float
+    The fields are named as the ``[pruning]`` keys they come from (``final_sparsity``,
+    ``start_round``...), so :func:`schedule_from_config` copies them by name and a test
+    keeps the two from drifting apart; ``total`` is ``federation.rounds``.
+    """
+
+    final_sparsity: float
     total: int
-    initial: float = 0.0
-    start: int = 1
+    initial_sparsity: float = 0.0
+    start_round: int = 1
     frequency: int = 1
     exponent: float = 3.0
-    kind: str = "polynomial"
-    rate: float = 0.02
+    schedule: str = "polynomial"
+    nnz_rate: float = 0.02
 
     def __post_init__(self) -> None:
-        if not 0 <= self.initial <= self.final < 1:
+        if not 0 <= self.initial_sparsity <= self.final_sparsity < 1:
             raise ValueError("need 0 <= initial <= final < 1")
-        if self.total < 1 or self.start < 1 or self.frequency < 1:
+        if self.total < 1 or self.start_round < 1 or self.frequency < 1:
             raise ValueError("total, start and frequency must be >= 1")
-        if self.kind not in ("polynomial", "nnz_rate"):
-            raise ValueError(f"unknown schedule {self.kind!r}")
+        if self.schedule not in ("polynomial", "nnz_rate"):
+            raise ValueError(f"unknown schedule {self.schedule!r}")
 
     def sparsity(self, t: int) -> float:
         """Target sparsity after round ``t`` (0 before the schedule starts)."""
-        if t < self.start:
+        if t < self.start_round:
             return 0.0
-        if self.kind == "nnz_rate":
-            events = (t - self.start) // self.frequency + 1
-            return min(self.final, 1.0 - (1.0 - self.rate) ** events)
+        if self.schedule == "nnz_rate":
+            events = (t - self.start_round) // self.frequency + 1
+            return min(self.final_sparsity, 1.0 - (1.0 - self.nnz_rate) ** events)
         if t >= self.total:
-            return self.final
+            return self.final_sparsity
         t_tilde = (t // self.frequency) * self.frequency
-        span = self.total - self.start
-        frac = 0.0 if span <= 0 else min(1.0, max(0.0, (t_tilde - self.start) / span))
-        return self.final + (self.initial - self.final) * (1.0 - frac) ** self.exponent
+        span = self.total - self.start_round
+        frac = 0.0 if span <= 0 else min(1.0, max(0.0, (t_tilde - self.start_round) / span))
+        return (
+            self.final_sparsity
+            + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** self.exponent
+        )
 
     def prunes_at(self, t: int) -> bool:
         """Whether round ``t`` is a pruning round (schedule started, target above 0)."""
-        if t < self.start or self.sparsity(t) <= 0:
+        if t < self.start_round or self.sparsity(t) <= 0:
             return False
-        if self.kind == "nnz_rate":
-            return (t - self.start) % self.frequency == 0
+        if self.schedule == "nnz_rate":
+            return (t - self.start_round) % self.frequency == 0
         return t >= self.total or t % self.frequency == 0 or self.frequency == 1
 
     def values(self) -> list[float]:
@@ -88,13 +96,5 @@ def _isclose(a: float, b: float) -> bool:  # pragma: no cover - helper for docte
 def schedule_from_config(cfg: RunConfig) -> Schedule:
     """The sparsity schedule described by the ``pruning`` section (and the round count)."""
     p = cfg.pruning
-    return Schedule(
-        final=p.final_sparsity,
-        total=cfg.federation.rounds,
-        initial=p.initial_sparsity,
-        start=p.start_round,
-        frequency=p.frequency,
-        exponent=p.exponent,
-        kind=p.schedule,
-        rate=p.nnz_rate,
-    )
+    names = [f.name for f in fields(Schedule) if f.name != "total"]
+    return Schedule(total=cfg.federation.rounds, **{n: getattr(p, n) for n in names})

@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedprune.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,19 @@ class TrainSettings:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, lr: float | None = None) -> TrainSettings:
+        """The settings a ``[train]`` section describes (``lr``: this round's, after
+        decay). The one place the two are mapped; a test checks every field is covered."""
+        return cls(
+            epochs=train.local_epochs,
+            batch_size=train.batch_size,
+            lr=train.lr if lr is None else lr,
+            optimizer=train.optimizer,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+        )
 
 
 @dataclass(frozen=True)

@@ -412,14 +412,7 @@ class ClientMethod:
     def settings(self, payload: Payload) -> TrainSettings:
         """Local hyper-parameters for this round."""
         t = self.cfg.train
-        return TrainSettings(
-            epochs=t.local_epochs,
-            batch_size=t.batch_size,
-            lr=config_number(payload.config, "lr", t.lr),
-            optimizer=t.optimizer,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-        )
+        return TrainSettings.from_config(t, lr=config_number(payload.config, "lr", t.lr))
 
     def run_task(self, task: str, payload: Payload, data: ClientData) -> Payload:
         """What engines call: :meth:`handle` with torch's global RNG seeded for this
