@@ -280,6 +280,7 @@ CASES: list[Case] = [
     Case("AutoFLIP zero exploration epochs", ["run", "--set", "autoflip.explore_epochs=0"]),
     Case("AutoFLIP explore fraction 0", ["run", "--set", "autoflip.explore_fraction=0"]),
     Case("AutoFLIP unknown normalisation", ["run", "--set", "autoflip.normalisation=zscore"]),
+    Case("AutoFLIP unknown threshold rule", ["run", "--set", "autoflip.threshold_rule=quantile"]),
     Case("misspelt key in a method section", ["run", "--set", "autoflip.thresold=0.1"]),
     Case("negative failure rate", ["run", "--set", "engine.fail_rate=-0.1"]),
     Case("local test fraction nan", ["run", "--set", "data.local_test_fraction=nan"]),

@@ -31,6 +31,28 @@ class StructuredConfig:
     inherit_weights: bool = key(
         True, "surviving filters keep their weights; false re-initialises (the authors' code)"
     )
+    round_to: int = key(
+        1, "kept widths rounded to a multiple of this (at least it); 1 = the paper", ge=1, le=1024
+    )
+    prune_linear: bool = key(
+        True, "hidden linear units are pruned too; false: only convolutions (the paper)"
+    )
+    max_drop: float = key(
+        0.0,
+        "accuracy guard: roll back a proposal whose federated validation accuracy fell by "
+        "more than this (0.015 = 1.5 points); 0 = off, the paper's accept rule",
+        ge=0,
+        le=1,
+    )
+    recovery_rounds: int = key(
+        2, "rounds a guarded proposal is trained before it is measured", ge=0, le=_BIG
+    )
+    k_schedule: str = key(
+        "fixed",
+        "fixed: k stays; adaptive: k narrows while the guard accepts, widens after a "
+        "rollback (needs max_drop > 0)",
+        choices=("fixed", "adaptive"),
+    )
 
 
 @dataclass
@@ -47,6 +69,12 @@ class AutoFlipConfig:
     explore_lr: float = key(0.0, "exploration learning rate (0 = train.lr)", ge=0, le=1000)
     threshold: float = key(
         0.3, "T_p: quantile of normalised guidance (and of unit scores) that is pruned", ge=0, lt=1
+    )
+    threshold_rule: str = key(
+        "share",
+        "`share`: prune exactly floor(T_p·N) entries, ties broken by position; `strict`: "
+        "the paper's `G > tau`, which also prunes every entry tied at tau",
+        choices=("share", "strict"),
     )
     structured: bool = key(True, "also remove whole low-guidance units physically")
     regrow: bool = key(

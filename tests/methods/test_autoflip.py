@@ -306,3 +306,27 @@ def test_end_to_end_shrinks_flops_and_counts_exploration(tmp_path: Path) -> None
         assert 0 < m["structured_sparsity"] < 1 and 0 < m["unstructured_sparsity"] < 1
         assert m["total_sparsity"] > m["unstructured_sparsity"]
     assert m3["unstructured_sparsity"] >= m1["unstructured_sparsity"]  # monotone
+
+
+@pytest.mark.parametrize("rule", ["share", "strict"])
+def test_threshold_rule_with_tied_guidance(rule: str) -> None:
+    """Half of every tensor's guidance is exactly 0 (entries that never moved): the share
+    rule prunes exactly floor(T_p * N), the paper's strict rule prunes every tied entry."""
+    cfg = _cfg("autoflip.structured=false", f"autoflip.threshold_rule='{rule}'")
+    server, io = _server(cfg, FC)
+    server.setup(io)
+    gen = torch.Generator().manual_seed(3)
+    guidance = {}
+    for n, p in server.model.named_parameters():
+        g = torch.rand(p.shape, generator=gen) + 0.1
+        g.view(-1)[: p.numel() // 2] = 0.0
+        guidance[n] = g
+    server.guidance = {0: guidance}
+    masks = server.mask_from([guidance])
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    zeros = sum(int((g == 0).sum()) for g in guidance.values())
+    if rule == "share":
+        assert pruned == int(0.3 * total)
+    else:
+        assert pruned >= zeros > int(0.3 * total)  # every tied (zero) entry goes

@@ -87,7 +87,7 @@ from fedprune.core.guidance import (
 )
 from fedprune.core.masks import Masks, apply_masks, count_kept, mask_sparsity
 from fedprune.core.sampling import derive_seed
-from fedprune.core.select import select_lowest
+from fedprune.core.select import Ties, select_lowest
 from fedprune.core.training import TrainSettings, make_optimizer
 from fedprune.methods.base import (
     ClientMethod,
@@ -187,6 +187,8 @@ class AutoFlipServer(ServerMethod):
     def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
         super().__init__(cfg, spec, model)
         self.af = cfg.autoflip
+        self.ties: Ties = "position" if self.af.threshold_rule == "share" else "threshold"
+        """How the T_p quantile treats ties (``autoflip.threshold_rule``)."""
         self.example = structured.example_input(spec.input_shape)
         self.initial_params = count_params(model)
         self.guidance: dict[int, Guidance] = {}
@@ -338,7 +340,7 @@ class AutoFlipServer(ServerMethod):
 
     def mask_from(self, guidances: list[Guidance]) -> Masks:
         """Normalise the mean guidance per tensor, keep what exceeds the ``T_p``-quantile."""
-        return select_lowest(self.guidance_scores(guidances), self.af.threshold, ties="threshold")
+        return select_lowest(self.guidance_scores(guidances), self.af.threshold, ties=self.ties)
 
     def install(self, masks: Masks, *, monotone: bool) -> tuple[int, int]:
         """Make ``masks`` the mask in force; return ``(regrown, newly pruned)`` counts."""
@@ -372,13 +374,13 @@ class AutoFlipServer(ServerMethod):
             self.report(mask_refreshed=0.0)
             return
         values = self.guidance_scores([self.guidance[c] for c in have])
-        own = select_lowest(values, self.af.threshold, ties="threshold")
+        own = select_lowest(values, self.af.threshold, ties=self.ties)
         kept = count_kept(self.masks)
         would = sum(int((self.masks[n] & ~own[n]).sum()) for n in own)
         new = (
             own
             if self.af.regrow
-            else select_lowest(values, self.af.threshold, current=self.masks, ties="threshold")
+            else select_lowest(values, self.af.threshold, current=self.masks, ties=self.ties)
         )
         regrown, newly = self.install(new, monotone=not self.af.regrow)
         self.report(
