@@ -21,6 +21,7 @@ from fedprune.core.codec import (
     MAX_NUMEL,
     Payload,
     TensorFormat,
+    TensorSpec,
     decode_arrays,
     decode_payload,
     decode_tensor,
@@ -32,6 +33,8 @@ from fedprune.core.codec import (
     split_payload,
 )
 from fedprune.errors import DecodeError
+
+FULL_FORMATS = (TensorFormat.DENSE, TensorFormat.BITMASK, TensorFormat.COO)
 
 DTYPES = [
     torch.float32,
@@ -48,7 +51,7 @@ DTYPES = [
 FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 FP16_SOURCES = {torch.float32, torch.float64}
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32}
-FORMATS: list[TensorFormat | None] = [None, *TensorFormat]
+FORMATS: list[TensorFormat | None] = [None, *FULL_FORMATS]
 
 # hypothesis runs examples inside one test call; the autouse env fixture is harmless there
 HSET = settings(
@@ -157,7 +160,7 @@ def test_round_trip_every_format(t: torch.Tensor) -> None:
 @settings(HSET, max_examples=150)
 @given(t=tensors, fp16=st.booleans())
 def test_auto_format_is_the_smallest(t: torch.Tensor, fp16: bool) -> None:
-    sizes = [len(encode_tensor(t, fp16=fp16, fmt=f)) for f in TensorFormat]
+    sizes = [len(encode_tensor(t, fp16=fp16, fmt=f)) for f in FULL_FORMATS]
     auto = encode_tensor(t, fp16=fp16)
     assert len(auto) == min(sizes) == encoded_size(t, fp16=fp16)
     # ties go to DENSE, then BITMASK
@@ -337,7 +340,7 @@ def test_encode_rejects_unsupported_inputs() -> None:
 def small_buffers() -> list[bytes]:
     t = torch.tensor([[0.0, 1.5, 0.0], [-2.0, 0.0, 0.0]])
     m = torch.tensor([True, False, True, True, False])
-    return [encode_tensor(x, fmt=f) for x in (t, m) for f in TensorFormat] + [
+    return [encode_tensor(x, fmt=f) for x in (t, m) for f in FULL_FORMATS] + [
         encode_tensor(torch.tensor(7, dtype=torch.int16))
     ]
 
@@ -371,6 +374,8 @@ def test_header_fields_are_checked() -> None:
     with pytest.raises(DecodeError, match="unsupported codec version 0"):
         decode_tensor(patched(buf, 3, 0))
     with pytest.raises(DecodeError, match="format"):
+        decode_tensor(patched(buf, 4, 4))
+    with pytest.raises(DecodeError, match="no reference"):  # 3 is VALUES
         decode_tensor(patched(buf, 4, 3))
     with pytest.raises(DecodeError, match="dtype code 10"):
         decode_tensor(patched(buf, 5, 10))
@@ -447,11 +452,19 @@ def test_gigantic_shapes_are_rejected_without_allocating() -> None:
             decode_tensor(header(2, (MAX_NUMEL + 1,)) + struct.pack("<IB", 0, 4))
         with pytest.raises(DecodeError, match="elements"):
             decode_tensor(header(0, (2**32 - 1,) * 8))
-        # within the element bound, a dense header still needs all its bytes first
-        with pytest.raises(DecodeError, match="truncated"):
+        # within the element bound, the buffer's own length bounds what it may allocate
+        with pytest.raises(DecodeError, match="may expand"):
             decode_tensor(header(0, (2**15, 2**15)) + b"\x00" * 64)
-        with pytest.raises(DecodeError, match="truncated"):
+        with pytest.raises(DecodeError, match="may expand"):
             decode_tensor(header(1, (2**15, 2**15)) + struct.pack("<I", 5))
+        # issue 14: 17 bytes declaring 2**31 float64 zeros in COO (16 GiB)
+        forged = header(2, (2**31,)) + struct.pack("<IB", 0, 4)
+        assert len(forged) == 17
+        with pytest.raises(DecodeError, match="may expand"):
+            decode_tensor(forged)
+        # with a schema, the expected shape decides before anything is allocated
+        with pytest.raises(DecodeError, match="expected"):
+            decode_tensor(forged, expect=TensorSpec((3,), torch.float64))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -462,7 +475,7 @@ def buffers_for_fuzzing() -> list[bytes]:
     out = small_buffers()
     for dtype in (torch.float32, torch.int8, torch.bfloat16, torch.bool):
         t = make_tensor(dtype, (4, 70), 0.1, seed=2)
-        out += [encode_tensor(t, fmt=f) for f in TensorFormat]
+        out += [encode_tensor(t, fmt=f) for f in FULL_FORMATS]
     return out
 
 

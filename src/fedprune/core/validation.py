@@ -12,6 +12,10 @@ reason when anything is off:
 
 Rejected replies never reach the global model; the engine counts them and records the
 reasons in the round's metrics.
+
+Before any of that, a reply is decoded against :func:`reply_schema` (the names, shapes
+and dtypes of the global state): an array the server does not expect, a missing one or a
+forged shape is a :class:`~fedprune.errors.DecodeError` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedprune.core.codec import Payload
+from fedprune.core.codec import Payload, Schema
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,18 @@ class ValidationPolicy:
     """Largest credible sample count of one client."""
     check_mask: bool = True
     """Reject non-zero values at positions the global mask prunes."""
+
+
+def reply_schema(global_state: Mapping[str, torch.Tensor], task: str) -> Schema:
+    """What a client's reply to ``task`` may hold, from the global state it was sent.
+
+    Every tensor of ``global_state`` with its shape and dtype (all required for ``fit``,
+    optional for setup tasks), and per-parameter side data named ``"<prefix>/<name>"``
+    for a tensor ``<name>`` of the state (importance, guidance, scores) with that
+    tensor's shape. Nothing else: decoding a reply against it allocates at most what
+    these shapes need.
+    """
+    return Schema.of(global_state, required=task == "fit", prefixed=True)
 
 
 class Rejected(Exception):
