@@ -14,6 +14,7 @@ from fedprune.core.structured import (
     prunable_layers,
     reinitialize,
     replay,
+    round_width,
     shrink,
     shrunk_copy,
     structure,
@@ -61,7 +62,9 @@ def test_prunable_layers_are_convs_and_never_the_classifier() -> None:
     ex = example_input((1, 28, 28))
     assert prunable_layers(_model("gap-cnn"), ex) == ["conv1", "conv2"]
     inc = prunable_layers(_model("inception"), ex)
-    assert len(inc) == 9 and "classifier" not in inc and "fc1" not in inc
+    assert len(inc) == 10 and "classifier" not in inc and inc[-1] == "fc1"  # Dense 50
+    conv_only = prunable_layers(_model("inception"), ex, linear=False)
+    assert conv_only == inc[:-1]  # the paper's 9 convolutions
     # resnet7: stem + first conv of each block (§1.5); block outputs are tied to the stem
     prunable, tied = structure(_model("resnet7"), ex)
     assert [g.layer for g in prunable] == ["conv1", "block1.conv1", "block2.conv1"]
@@ -83,7 +86,7 @@ def test_shrunk_model_equals_masked_full_model_on_kept_channels() -> None:
         with torch.no_grad():
             for layer, idx in keep.items():
                 conv = masked.get_submodule(layer)
-                drop = [j for j in range(conv.out_channels) if j not in idx]
+                drop = [j for j in range(widths(masked, [layer])[layer]) if j not in idx]
                 conv.weight[drop] = 0.0
                 conv.bias[drop] = 0.0
         x = _x(name)
@@ -170,7 +173,8 @@ def test_compacted_history_replays_to_the_same_model() -> None:
     step1, h1 = shrunk_copy(model, _random_keep(model, ex, seed=1), ex)
     step2, h2 = shrunk_copy(step1, _random_keep(step1, ex, seed=2), ex)
     compact = compact_history([*h1, *h2])
-    assert len(compact) == 9 and all(e["width"] == widths(model)[e["layer"]] for e in compact)
+    full = widths(model, [e["layer"] for e in compact])
+    assert len(compact) == 10 and all(e["width"] == full[e["layer"]] for e in compact)
     fresh = replay(build_model("inception", (1, 28, 28), 62), compact, ex)
     fresh.load_state_dict(step2.state_dict())
     fresh.eval()
@@ -211,3 +215,67 @@ def test_reinitialize_is_seeded() -> None:
     c = reinitialize(_model("gap-cnn"), 6)
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_hidden_linear_units_are_prunable_never_the_classifier() -> None:
+    mlp = build_model("fc", (1, 28, 28), 10, seed=0)
+    ex = example_input((1, 28, 28))
+    assert prunable_layers(mlp, ex) == ["fc1", "fc2"]
+    assert prunable_layers(mlp, ex, linear=False) == []
+    heads = {"twocnn": ((1, 28, 28), 10), "leaf-cnn": ((1, 28, 28), 62)}
+    for name, (shape, classes) in heads.items():
+        layers = prunable_layers(build_model(name, shape, classes, seed=0), example_input(shape))
+        assert layers == ["conv1", "conv2", "fc1"], name
+    # a unit's score is the L1 norm of its incoming weights
+    grp = structure(mlp, ex)[0][0]
+    want = mlp.fc1.weight.detach().abs().double().sum(1)
+    assert torch.equal(filter_scores(mlp, grp), want)
+
+
+@pytest.mark.parametrize("name", ["fc", "twocnn"])
+def test_shrunk_model_equals_masked_dense_model_on_kept_linear_units(name: str) -> None:
+    shape, classes = (1, 28, 28), 10
+    model = build_model(name, shape, classes, seed=0).eval()
+    ex = example_input(shape)
+    g = torch.Generator().manual_seed(3)
+    keep = {}
+    for grp in structure(model, ex)[0]:
+        if isinstance(model.get_submodule(grp.layer), nn.Linear):
+            keep[grp.layer] = sorted(
+                torch.randperm(grp.width, generator=g)[: grp.width // 3].tolist()
+            )
+    small, hist = shrunk_copy(model, keep, ex)
+    assert {e["layer"] for e in hist} == set(keep)
+    masked = build_model(name, shape, classes, seed=0).eval()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer, idx in keep.items():
+            lin = masked.get_submodule(layer)
+            drop = [j for j in range(lin.out_features) if j not in idx]
+            lin.weight[drop] = 0.0
+            lin.bias[drop] = 0.0
+        x = torch.randn(4, *shape, generator=g)
+        assert torch.allclose(small(x), masked(x), atol=1e-5)
+        first = next(iter(keep))
+        assert small.get_submodule(first).out_features == len(keep[first])
+    fresh = replay(build_model(name, shape, classes, seed=9), json.loads(json.dumps(hist)), ex)
+    fresh.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), small(x))
+
+
+def test_round_width_gives_multiples_never_grows() -> None:
+    assert round_width(29, 32, 1) == 29  # round_to 1: the rule's count
+    assert round_width(29, 32, 8) == 32 and round_width(28, 32, 8) == 32  # halves up
+    assert round_width(27, 32, 8) == 24 and round_width(20, 32, 8) == 24
+    assert round_width(19, 32, 8) == 16 and round_width(3, 32, 8) == 8  # at least round_to
+    assert round_width(50, 50, 8) == 50  # a whole layer stays whole
+    assert round_width(49, 50, 8) == 48 and round_width(3, 4, 8) == 4  # never grows
+    for width in range(1, 70):
+        for n in range(1, width + 1):
+            m = round_width(n, width, 8)
+            assert m == width or (m % 8 == 0 and 8 <= m < width)
+    with pytest.raises(ValueError):
+        round_width(0, 8, 8)
+    with pytest.raises(ValueError):
+        round_width(3, 8, 0)

@@ -1,6 +1,7 @@
 """Structured shrink: remove output channels for real, through Torch-Pruning's dependency graph.
 
-A *shrink* removes whole output channels (filters) of convolutions. Everything coupled to
+A *shrink* removes whole output channels: filters of convolutions and hidden units of
+linear layers (issue 16). Everything coupled to
 them follows, as Torch-Pruning's :class:`~torch_pruning.DependencyGraph` finds it by
 tracing the model: the next layer's input channels, batch-norm statistics and affine
 parameters, the other operands of a residual add, the slice of a concatenation, the
@@ -12,17 +13,21 @@ any other model.
 Groups and prunable layers
 --------------------------
 Output channels that must disappear together form a *group* (Torch-Pruning's pruning
-group rooted at a convolution's outputs). Each group is named by its *representative*:
-the first convolution, in module order, whose output channels the group removes. For a
-plain CNN every convolution is its own group. In a ResNet with identity shortcuts the
-stem convolution and the second convolution of every block of the first stage form one
-group (their outputs are added), named after the stem. A group is *prunable* unless it
+group rooted at a convolution's or a linear layer's outputs). Each group is named by its
+*representative*: the first layer, in module order, whose output channels the group
+removes. For a plain CNN or MLP every convolution and hidden linear layer is its own
+group. In a ResNet with identity shortcuts the stem convolution and the second
+convolution of every block of the first stage form one group (their outputs are added),
+named after the stem. A group is *prunable* unless it
 removes output units of the model's output layer (the module named ``classifier``, or
 else the last convolution/linear layer): the classifier is never shrunk.
 
-Only convolutions start groups: linear hidden layers (``fc1`` of the LEAF CNN, the
-Inception net's Dense 50) are not pruned, as in the paper, though their *inputs* shrink
-when the convolution before them does.
+Hidden linear layers (``fc1``/``fc2`` of the MLP ``fc``, the dense heads of ``twocnn``
+and ``leaf-cnn``, the Inception net's Dense 50) start groups too: a unit's score is the L1
+norm of its incoming weights, the same criterion as a filter's. The paper prunes only
+convolutions; ``structured.prune_linear = false`` restricts a method to them
+(``structure(..., linear=False)``). The classifier is never pruned, so any model whose
+last layer is the classifier has its hidden units available.
 
 Width ties (the small ResNet of the automatic structured pruning paper)
 ------------------------------------------------------------------------
@@ -79,6 +84,7 @@ __all__ = [
     "prunable_layers",
     "reinitialize",
     "replay",
+    "round_width",
     "shrink",
     "shrunk_copy",
     "structure",
@@ -91,15 +97,15 @@ HistoryEntry = dict[str, Any]
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """Output channels of one or more convolutions that are removed together.
+    """Output channels of one or more convolutions (or linear layers) removed together.
 
     Attributes
     ----------
     layer : str
         The representative: the first member in module order (the name used in histories).
     members : tuple of str
-        Every convolution whose output channels this group removes (the representative
-        first). Filter scores sum over them.
+        Every convolution or linear layer whose output channels this group removes (the
+        representative first). Filter scores sum over them.
     width : int
         The current number of channels.
     tied : tuple of str
@@ -153,36 +159,51 @@ def _graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
             m.training = flag
 
 
-def _groups(model: nn.Module, dg: tp.DependencyGraph) -> list[LayerGroup]:
-    """Every conv-rooted group that does not touch the output layer, in module order."""
+_LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _width(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    raise ValueError(f"a {type(module).__name__} is not a conv or linear layer")
+
+
+def _groups(model: nn.Module, dg: tp.DependencyGraph, linear: bool = True) -> list[LayerGroup]:
+    """Every conv-rooted (and, with ``linear``, linear-rooted) group that does not touch
+    the output layer, in module order."""
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     names = {m: n for n, m in model.named_modules()}
     outputs = _output_layers(model)
     found: list[LayerGroup] = []
-    for group in dg.get_all_groups(ignored_layers=outputs, root_module_types=(nn.Conv2d,)):
+    roots = _LAYER_TYPES if linear else (nn.Conv2d,)
+    for group in dg.get_all_groups(ignored_layers=outputs, root_module_types=roots):
         members = sorted(
             {
                 dep.target.module
                 for dep, _ in group
                 if dg.is_out_channel_pruning_fn(dep.handler)
-                and isinstance(dep.target.module, nn.Conv2d)
+                and isinstance(dep.target.module, _LAYER_TYPES)
             },
             key=lambda m: order[m],
         )
-        if not members:  # pragma: no cover - a conv-rooted group always has its root
+        if not members:  # pragma: no cover - a rooted group always has its root
             continue
         found.append(
             LayerGroup(
                 layer=names[members[0]],
                 members=tuple(names[m] for m in members),
-                width=int(members[0].out_channels),
+                width=_width(members[0]),
             )
         )
     found.sort(key=lambda g: order[model.get_submodule(g.layer)])
     return found
 
 
-def structure(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerGroup], list[LayerGroup]]:
+def structure(
+    model: nn.Module, example: torch.Tensor, *, linear: bool = True
+) -> tuple[list[LayerGroup], list[LayerGroup]]:
     """The prunable groups and the tied groups of ``model``.
 
     Parameters
@@ -191,6 +212,9 @@ def structure(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerGroup]
         Any model Torch-Pruning can trace (every zoo model).
     example : torch.Tensor
         An input of batch size 1 (see :func:`example_input`).
+    linear : bool, default True
+        Hidden linear layers are prunable groups too; ``False``: convolutions only (the
+        paper).
 
     Returns
     -------
@@ -200,7 +224,7 @@ def structure(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerGroup]
     tied : list of LayerGroup
         Groups whose width follows a prunable group (empty for most models).
     """
-    groups = _groups(model, _graph(model, example))
+    groups = _groups(model, _graph(model, example), linear)
     ties: dict[str, list[str]] = {}
     for cls, fn in WIDTH_TIES.items():
         if isinstance(model, cls):
@@ -220,13 +244,13 @@ def structure(model: nn.Module, example: torch.Tensor) -> tuple[list[LayerGroup]
     return prunable, tied
 
 
-def prunable_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the convolutions whose output channels a method may remove (module order).
+def prunable_layers(model: nn.Module, example: torch.Tensor, *, linear: bool = True) -> list[str]:
+    """Names of the layers whose output channels a method may remove (module order).
 
     One name per group (see the module docstring); never the classifier, never a layer
-    whose width is tied to another one.
+    whose width is tied to another one; hidden linear layers unless ``linear=False``.
     """
-    return [g.layer for g in structure(model, example)[0]]
+    return [g.layer for g in structure(model, example, linear=linear)[0]]
 
 
 def widths(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, int]:
@@ -247,19 +271,44 @@ def widths(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, i
 
 @torch.no_grad()
 def filter_scores(model: nn.Module, group: LayerGroup) -> torch.Tensor:
-    """L1 norm of every output filter of a group (summed over its member convolutions).
+    """L1 norm of every output filter (unit) of a group (summed over its members).
 
-    ``n_j = sum |W[j, :, :, :]|`` over the kernel only (no bias), as in the paper; for a
-    group of one convolution this is exactly its filters' L1 norms. Returned as float64.
+    ``n_j = sum |W[j, ...]|`` over the kernel only (no bias), as in the paper; for a
+    group of one convolution this is exactly its filters' L1 norms, for a linear layer
+    the L1 norms of its units' incoming weights. Returned as float64.
     """
     total: torch.Tensor | None = None
     for name in group.members:
-        conv = model.get_submodule(name)
-        assert isinstance(conv, nn.Conv2d)
-        s = FilterL1()({name: conv.weight})[name]
+        layer = model.get_submodule(name)
+        assert isinstance(layer, _LAYER_TYPES)
+        s = FilterL1()({name: layer.weight})[name]
         total = s if total is None else total + s
     assert total is not None
     return total
+
+
+def round_width(n: int, width: int, round_to: int) -> int:
+    """The width a layer keeps when ``n`` of its ``width`` channels survive a rule and
+    widths are rounded to multiples of ``round_to`` (hardware-friendly widths).
+
+    ``n`` is rounded to the nearest multiple of ``round_to`` (halves up), at least
+    ``round_to``. A result at or above ``width`` means the layer keeps all its channels
+    (``width``): rounding never adds channels, and a layer the rule leaves whole stays
+    whole even when ``width`` itself is not a multiple. ``round_to = 1`` returns ``n``.
+
+    Raises
+    ------
+    ValueError
+        ``n`` not in ``[1, width]`` or ``round_to < 1``.
+    """
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    if not 1 <= n <= width:
+        raise ValueError(f"kept count {n} must be in [1, {width}]")
+    if round_to == 1 or n == width:
+        return n
+    m = max(round_to, round_to * ((2 * n + round_to) // (2 * round_to)))
+    return width if m >= width else m
 
 
 def _check_keep(layer: str, keep: Iterable[int], width: int) -> list[int]:
