@@ -13,11 +13,14 @@ from fedprune.errors import ConfigError
 from fedprune.experiment import run_experiment
 from fedprune.methods import get_method
 from fedprune.methods.autostructured import (
+    GUARD_PREFIX,
+    K_STEP,
     AutoStructuredClient,
     AutoStructuredServer,
     band_keep,
+    band_ranking,
 )
-from fedprune.methods.base import ModelSpec, state_of
+from fedprune.methods.base import ClientReply, ModelSpec, state_of
 from fedprune.models import build_model
 from fedprune.rundir import load_weights
 
@@ -114,13 +117,145 @@ def test_architecture_travels_as_json_and_the_client_rebuilds_once() -> None:
     assert client.model_for(plain).conv1.out_channels == 32  # another history: rebuilt
 
 
-def test_registered_and_needs_a_conv_model() -> None:
+def test_registered_and_runs_on_mlps_unless_conv_only() -> None:
     info = get_method("autostructured")
     assert info.server is AutoStructuredServer and info.client is AutoStructuredClient
     cfg = load_config(overrides=["method=autostructured"])
     spec = ModelSpec("fc", (1, 8, 8), 10)
-    with pytest.raises(ConfigError, match="no prunable convolution"):
-        AutoStructuredServer(cfg, spec, spec.build())
+    server = AutoStructuredServer(cfg, spec, spec.build())
+    assert server.layers == ["fc1", "fc2"]  # hidden units; never the classifier
+    conv_only = load_config(overrides=["method=autostructured", "structured.prune_linear=false"])
+    with pytest.raises(ConfigError, match="has none besides its classifier"):
+        AutoStructuredServer(conv_only, spec, spec.build())
+
+
+def test_impossible_guard_combinations_are_config_errors() -> None:
+    base = ["method=autostructured", "data.local_test_fraction=0.2"]
+    with pytest.raises(ConfigError, match="needs the accuracy guard"):
+        _server(*base, "structured.k_schedule=adaptive")
+    with pytest.raises(ConfigError, match="local_test_fraction"):
+        _server("structured.max_drop=0.01")
+    _server(*base, "structured.max_drop=0.01", "structured.k_schedule=adaptive")
+
+
+def test_rounded_widths_keep_the_best_ranked_units_in_multiples() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        width = int(torch.randint(9, 80, (1,), generator=g))
+        scores = torch.rand(width, generator=g, dtype=torch.float64) * 3
+        scores[: trial % 4] += 10  # a few large outliers
+        for two_sided in (True, False):
+            for k in (0.3, 0.8, 1.5, 2.5):
+                plain = band_keep(scores, k, two_sided=two_sided)
+                kept = band_keep(scores, k, two_sided=two_sided, round_to=8)
+                n = len(kept)
+                assert n == width or (n % 8 == 0 and n >= 8), (width, n)
+                rank = band_ranking(scores, two_sided=two_sided)
+                assert kept == sorted(rank[:n])  # the best-ranked n units
+                assert sorted(rank[: len(plain)]) == plain  # the band is a prefix
+                if n <= len(plain):
+                    assert set(kept) <= set(plain)  # rounding down drops the worst kept
+                else:
+                    assert set(plain) <= set(kept)  # rounding up adds the best dropped
+    # two-sided ranking: closest to the mean first; one-sided: largest first
+    scores = torch.tensor([5.0, 0.0, 5.1, 9.0, 4.9])
+    assert band_ranking(scores)[:3] == [4, 0, 2]  # mean 4.8
+    assert band_ranking(scores, two_sided=False)[0] == 3
+
+
+def test_server_rounds_every_pruned_layer_to_multiples() -> None:
+    server = _server("structured.round_to=8", "structured.k=1.0")
+    _set_filter_norms(server.model.conv1, [1.0] * 27 + [5.0, 6.0, 7.0, 8.0, 9.0])
+    keep = server.propose(server.model)
+    assert keep["conv1"] == list(range(24))  # band keeps 27 -> 24, the 24 closest to mean
+    assert all(len(v) % 8 == 0 for v in keep.values())
+    assert server.after_aggregate(1, [])["width/conv1"] == 24.0
+
+
+def _guarded(*extra: str, rounds: int = 20) -> AutoStructuredServer:
+    return _server(
+        "data.local_test_fraction=0.2",
+        "structured.max_drop=0.02",
+        "structured.recovery_rounds=1",
+        "structured.k=1.0",
+        *extra,
+        rounds=rounds,
+    )
+
+
+def _judge_replies(new: float, old: float, total: float = 100.0) -> list[ClientReply]:
+    metrics = {
+        "num_examples": 10.0,
+        "guard_correct_new": new,
+        "guard_correct_old": old,
+        "guard_total": total,
+    }
+    return [ClientReply(0, Payload(metrics=metrics))]
+
+
+def test_guard_rolls_back_to_the_previous_architecture_and_weights_exactly() -> None:
+    server = _guarded()
+    with torch.no_grad():
+        server.model.conv1.weight.normal_(generator=torch.Generator().manual_seed(1))
+    _set_filter_norms(server.model.conv1, [1.0] * 31 + [50.0])
+    before = state_of(server.model)
+    m1 = server.after_aggregate(1, [])
+    assert m1["proposed"] == 1.0 and m1["on_trial"] == 1.0 and "accepted" not in m1
+    assert server.model.conv1.out_channels < 32 and server.history  # trained on trial
+    # round 2 trains the proposal (recovery_rounds = 1); round 3 is the judge round
+    assert "accepted" not in server.after_aggregate(2, [])
+    assert not any(k.startswith(GUARD_PREFIX) for k in server.configure_fit(2, [0])[0].arrays)
+    payload = server.configure_fit(3, [0, 1])[0]
+    assert payload.config["guard_arch"] == []
+    assert all(torch.equal(payload.arrays[GUARD_PREFIX + k], v) for k, v in before.items())
+    with torch.no_grad():  # whatever training did to the proposal is discarded
+        server.model.conv1.weight.add_(1.0)
+    m3 = server.after_aggregate(3, _judge_replies(new=50, old=90))
+    assert m3["accepted"] == 0.0 and m3["rolled_back"] == 1.0 and m3["patience"] == 1.0
+    assert abs(m3["guard_drop"] - 0.4) < 1e-12 and m3["guard_samples"] == 100.0
+    assert server.history == [] and server.model.conv1.out_channels == 32
+    after = state_of(server.model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert "proposed" not in m3  # the fixed schedule waits a round before proposing again
+    assert server.after_aggregate(4, [])["proposed"] == 1.0
+
+
+def test_guard_accepts_within_max_drop_and_adaptive_k_steps() -> None:
+    server = _guarded("structured.k_schedule=adaptive")
+    _set_filter_norms(server.model.conv1, [1.0] * 31 + [50.0])
+    m1 = server.after_aggregate(1, [])
+    k1 = m1["k"]
+    assert m1["proposed"] == 1.0
+    server.after_aggregate(2, [])
+    m3 = server.after_aggregate(3, _judge_replies(new=89, old=90))  # 1 point: within 2
+    assert m3["accepted"] == 1.0 and server.accepted_rounds == [1] and m3["patience"] == 0.0
+    assert m3.get("proposed") == 1.0  # adaptive: the next, bolder proposal at once
+    assert m3["k"] <= k1 * K_STEP + 1e-12
+    kept_params = m3["proposal_params"]
+    # a rollback: the next proposal is gentler and keeps more than the rejected one
+    server.after_aggregate(4, [])
+    m5 = server.after_aggregate(5, _judge_replies(new=10, old=90))
+    assert m5["rolled_back"] == 1.0 and server.ceiling == kept_params
+    assert m5["proposed"] == 1.0 and m5["proposal_params"] > kept_params
+    assert m5["k"] > m3["k"]
+
+
+def test_nothing_to_prune_counts_against_patience_under_the_guard() -> None:
+    server = _guarded("structured.patience=2")
+    for conv in (server.model.conv1, server.model.conv2):
+        _set_filter_norms(conv, [1.0] * conv.out_channels)
+    assert server.after_aggregate(1, [])["proposed"] == 0.0
+    m2 = server.after_aggregate(2, [])
+    assert m2["patience"] == 2.0 and m2["pruning_active"] == 0.0
+
+
+def test_guarded_proposals_need_a_judge_round_within_the_run() -> None:
+    server = _guarded(rounds=4)  # recovery 1: a proposal after round 2 is judged in 4
+    _set_filter_norms(server.model.conv1, [1.0] * 31 + [50.0])
+    server.active = True
+    assert "proposed" not in server.after_aggregate(3, [])
+    assert server.after_aggregate(2, [])["proposed"] == 1.0
 
 
 def test_three_round_run_shrinks_and_clients_train_the_small_model(
@@ -167,3 +302,92 @@ def test_three_round_run_shrinks_and_clients_train_the_small_model(
     x = torch.randn(2, *arch["input_shape"])
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), res.model.eval()(x))
+
+
+def _guard_cfg(tmp_path: Path, name: str, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(
+        overrides=[
+            f"out='{tmp_path}'",
+            f"name='{name}'",
+            "method=autostructured",
+            "model.name=fc",
+            "model.hidden=32",
+            "data.num_clients=6",
+            "data.local_test_fraction=0.3",
+            "federation.clients_per_round=4",
+            "federation.rounds=7",
+            "train.local_epochs=1",
+            "structured.k=1.0",
+            "structured.round_to=8",
+            "structured.max_drop=0.01",
+            "structured.recovery_rounds=1",
+            *extra,
+        ]
+    )
+
+
+def test_rolled_back_rounds_and_their_bytes_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fit = AutoStructuredClient.fit
+
+    def failing_guard(self: AutoStructuredClient, payload: Payload, data):  # type: ignore[no-untyped-def]
+        reply = real_fit(self, payload, data)
+        if "guard_total" in reply.metrics:  # the proposal looks useless: always roll back
+            reply.metrics["guard_correct_new"] = 0.0
+        return reply
+
+    monkeypatch.setattr(AutoStructuredClient, "fit", failing_guard)
+    res = run_experiment(_guard_cfg(tmp_path, "rb", "structured.patience=5"))
+    recs = res.records
+    mm = [r["method_metrics"] for r in recs]
+    dense = res.summary["dense_params"]
+    assert mm[0]["proposed"] == 1.0 and mm[2]["rolled_back"] == 1.0
+    assert mm[3]["proposed"] == 1.0 and mm[5]["rolled_back"] == 1.0
+    assert recs[0]["params"] == recs[1]["params"] < dense == recs[2]["params"]
+    # on trial, round 2 ships the small model both ways; the judge round 3 also ships the
+    # snapshot down; round 7 (dense again, nothing on trial) is the reference
+    assert (
+        recs[1]["bytes_up"] < recs[6]["bytes_up"] and recs[1]["bytes_down"] < recs[6]["bytes_down"]
+    )
+    assert recs[2]["bytes_down"] > recs[6]["bytes_down"]
+    assert sum(r["bytes_up"] for r in recs) == res.summary["total_bytes_up"]
+    assert sum(r["bytes_down"] for r in recs) == res.summary["total_bytes_down"]
+    assert recs[-1]["cum_bytes_down"] == res.summary["total_bytes_down"]
+    assert res.summary["final_params"] == res.summary["dense_params"]  # nothing survived
+    assert all(m.get("accepted") != 1.0 for m in mm)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_round", [2, 3])
+def test_resume_with_a_proposal_on_trial_is_exact(tmp_path: Path, crash_round: int) -> None:
+    """tests/test_checkpoint.py's pattern: a crash while a proposal is on trial (2) or in
+    its judge round (3); the resumed run equals the uninterrupted one."""
+    from fedprune.checkpoint import load_checkpoint
+    from fedprune.experiment import resume_experiment
+
+    extra = ("structured.k_schedule=adaptive", "structured.max_drop=0.0001")
+    ref = run_experiment(_guard_cfg(tmp_path, "ref", *extra))
+    assert ref.records[0]["method_metrics"]["proposed"] == 1.0
+
+    def crash(rec: dict[str, object]) -> None:
+        if rec["round"] == crash_round:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        run_experiment(_guard_cfg(tmp_path, "crashed", *extra), on_round=crash)
+    ckpt = load_checkpoint(tmp_path / "crashed")
+    assert ckpt is not None and ckpt.round == crash_round - 1
+    res = resume_experiment(tmp_path / "crashed")
+    untimed = ("round_s", "wall_s")
+    for a, b in zip(ref.records, res.records, strict=True):
+        drop = [k for k in a if k in untimed or k.startswith("time_")]
+        assert {k: v for k, v in a.items() if k not in drop} == {
+            k: v for k, v in b.items() if k not in drop
+        }
+    ref_state, got = ref.model.state_dict(), res.model.state_dict()
+    assert ref_state.keys() == got.keys()
+    assert all(torch.equal(ref_state[k], got[k]) for k in ref_state)
