@@ -63,13 +63,44 @@ def test_latency_cli_times_both_models_and_writes_the_summary(
     run = _run_dir(tmp_path, "gap-cnn", (1, 28, 28), {"conv1": [0, 1, 2], "conv2": [4, 5]})
     assert main(["latency", str(run), "--runs", "5", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    assert "dense initial" in out and "speedup" in out
+    assert "dense initial" in out and "speed-up" in out
     lat = json.loads((run / rundir.SUMMARY).read_text())["latency"]
     assert lat["runs"] == 5 and lat["threads"] == 1 and lat["batch_size"] == 1
     assert lat["final"]["params"] < lat["dense"]["params"]
     assert lat["final"]["onnx_bytes"] < lat["dense"]["onnx_bytes"]
     assert lat["final"]["median_ms"] > 0 and lat["dense"]["p90_ms"] >= lat["dense"]["median_ms"]
     assert lat["speedup"] == pytest.approx(lat["dense"]["median_ms"] / lat["final"]["median_ms"])
+
+
+def test_latency_of_a_comparison_fills_the_speed_up_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedprune.compare import read_comparison, run_compare
+    from fedprune.config import load_config
+
+    cfg = load_config(
+        overrides=[
+            f"out='{tmp_path}'",
+            "model.name=fc",
+            "model.hidden=32",
+            "data.num_clients=4",
+            "federation.clients_per_round=2",
+            "federation.rounds=2",
+            "train.local_epochs=1",
+            "structured.k=0.5",
+        ]
+    )
+    out, rows = run_compare(cfg, ["fedavg", "autostructured"], out=tmp_path / "cmp")
+    assert all(r["latency_speedup"] is None for r in rows)  # not measured yet
+    assert main(["latency", str(out), "--runs", "5", "--warmup", "1"]) == 0
+    assert "speed-up" in capsys.readouterr().out
+    rows = read_comparison(out)["rows"]
+    speed = {r["method"]: r["latency_speedup"] for r in rows}
+    summary = json.loads((out / "runs" / "autostructured-seed0" / rundir.SUMMARY).read_text())
+    assert speed["autostructured"] == pytest.approx(summary["latency"]["speedup"])
+    assert speed["fedavg"] is not None and speed["fedavg"] > 0  # dense vs itself
+    table = (out / "comparison.md").read_text()
+    assert "ORT speed-up" in table and f"{speed['autostructured']:,.2f}" in table
 
 
 @pytest.mark.parametrize(

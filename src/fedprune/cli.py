@@ -312,13 +312,36 @@ def export(
 
 @app.command()
 def latency(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A finished run directory, or a comparison directory.")
+    ],
     runs: Annotated[int, typer.Option(help="Timed runs per model (>= 1).")] = 200,
     warmup: Annotated[int, typer.Option(help="Untimed runs per model first.")] = 20,
 ) -> None:
-    """Time the dense initial and the final model in onnxruntime (1 thread, batch 1)."""
+    """Time the dense initial and the final model in onnxruntime (1 thread, batch 1) and
+    report the speed-up; for a comparison directory, every run, then the table again."""
+    from fedprune.compare import COMPARISON_JSON, comparison_run_dirs, refresh_comparison
     from fedprune.export import measure_latency
 
+    if (run_dir / COMPARISON_JSON).is_file():
+        table = Table("run", "params", "dense ms", "final ms", "speed-up")
+        for d in comparison_run_dirs(run_dir):
+            res = measure_latency(d, runs=runs, warmup=warmup)
+            table.add_row(
+                d.name,
+                f"{res['final']['params']:,}",
+                f"{res['dense']['median_ms']:.3f}",
+                f"{res['final']['median_ms']:.3f}",
+                f"{res['speedup']:.2f}x",
+            )
+        refresh_comparison(run_dir)
+        console.print(table)
+        console.print(
+            f"medians of {runs} runs after {warmup} warm-up each; speed-up = dense median / "
+            f"final median; {run_dir / 'comparison.md'} rewritten with the speed-up column",
+            soft_wrap=True,
+        )
+        return
     res = measure_latency(run_dir, runs=runs, warmup=warmup)
     table = Table("model", "params", "ONNX kB", "median ms", "p90 ms", "min ms")
     for key in ("dense", "final"):
@@ -333,7 +356,7 @@ def latency(
         )
     console.print(table)
     console.print(
-        f"speedup {res['speedup']:.2f}x (dense median / final median), {res['runtime']}, "
+        f"speed-up {res['speedup']:.2f}x (dense median / final median), {res['runtime']}, "
         f"{res['runs']} runs after {res['warmup']} warm-up, written to "
         f"{Path(run_dir) / 'summary.json'}",
         soft_wrap=True,

@@ -138,8 +138,9 @@ def build_rows(runs: Sequence[MethodRuns], target: float | None) -> list[dict[st
             row[key], row[key + "_std"] = col(key)
         row["mb_up"], row["mb_up_std"] = _mean_std([x["total_bytes_up"] / MB for x in s])
         row["mb_down"], row["mb_down_std"] = _mean_std([x["total_bytes_down"] / MB for x in s])
-        lat = [x.get("latency", {}).get("ratio") for x in s if isinstance(x.get("latency"), dict)]
-        row["latency_ratio"], _ = _mean_std(lat)
+        # `fedprune latency` stores summary["latency"]["speedup"] (dense median / final)
+        lat = [x["latency"].get("speedup") for x in s if isinstance(x.get("latency"), dict)]
+        row["latency_speedup"], _ = _mean_std(lat)
         if target is not None:
             reached = [reach(recs, target) for recs in mr.records]
             row["rounds_to_target"], _ = _mean_std([r for r, _ in reached])
@@ -177,7 +178,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], target: float | None) -> str:
     ]
     if target is not None:
         head += [f"rounds to {100 * target:.1f}%", f"MB to {100 * target:.1f}%"]
-    head += ["wall s", "latency ratio"]
+    head += ["wall s", "ORT speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [
@@ -194,7 +195,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], target: float | None) -> str:
         ]
         if target is not None:
             cells += [_fmt(r["rounds_to_target"], digits=1), _fmt(r["mb_to_target"])]
-        cells += [_fmt(r["wall_s"], digits=1), _fmt(r["latency_ratio"])]
+        cells += [_fmt(r["wall_s"], digits=1), _fmt(r["latency_speedup"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -379,6 +380,40 @@ def write_comparison(
         },
     )
     plot_comparison(runs, rows, out)
+
+
+def comparison_run_dirs(path: str | Path) -> list[Path]:
+    """Every run directory of a comparison directory, in table order."""
+    out = Path(path)
+    runs = read_comparison(out).get("runs", {})
+    return [out / rel for rels in runs.values() for rel in rels]
+
+
+def refresh_comparison(path: str | Path) -> list[dict[str, Any]]:
+    """Rebuild a comparison's table (Markdown, CSV, JSON, plots) from its run directories,
+    e.g. after ``fedprune latency`` stored each run's speed-up; returns the rows."""
+    from fedprune.config import load_config
+
+    out = Path(path)
+    data = read_comparison(out)
+    runs: list[MethodRuns] = []
+    for method, rels in data.get("runs", {}).items():
+        dirs = [out / rel for rel in rels]
+        runs.append(
+            MethodRuns(
+                method,
+                dirs,
+                [rundir.read_summary(d) for d in dirs],
+                [rundir.read_metrics(d) for d in dirs],
+            )
+        )
+    if not runs or not runs[0].run_dirs:
+        raise UserInputError(f"{elide(repr(str(out)), 80)} lists no runs")
+    target = data.get("target")
+    rows = build_rows(runs, target)
+    cfg = load_config(runs[0].run_dirs[0] / "config.toml")
+    write_comparison(out, runs, rows, target, cfg)
+    return rows
 
 
 def read_comparison(path: str | Path) -> dict[str, Any]:
