@@ -276,6 +276,20 @@ CASES: list[Case] = [
     Case("max_examples above 2**31-1", ["run", "--set", "validation.max_examples=4294967296"]),
     Case("structured k inf", ["run", "--set", "structured.k=inf"]),
     Case("structured patience 0", ["run", "--set", "structured.patience=0"]),
+    Case("structured round_to 0", ["run", "--set", "structured.round_to=0"]),
+    Case("structured round_to above 1024", ["run", "--set", "structured.round_to=2048"]),
+    Case("structured max_drop above 1", ["run", "--set", "structured.max_drop=1.5"]),
+    Case("structured max_drop nan", ["run", "--set", "structured.max_drop=nan"]),
+    Case("structured recovery_rounds -1", ["run", "--set", "structured.recovery_rounds=-1"]),
+    Case("structured unknown k schedule", ["run", "--set", "structured.k_schedule=cosine"]),
+    Case(
+        "structured adaptive k without the guard",
+        ["run", "--method", "autostructured", "--set", "structured.k_schedule=adaptive"],
+    ),
+    Case(
+        "structured guard without local validation splits",
+        ["run", "--method", "autostructured", "--set", "structured.max_drop=0.01"],
+    ),
     Case("AutoFLIP threshold 1", ["run", "--set", "autoflip.threshold=1"]),
     Case("AutoFLIP zero exploration epochs", ["run", "--set", "autoflip.explore_epochs=0"]),
     Case("AutoFLIP explore fraction 0", ["run", "--set", "autoflip.explore_fraction=0"]),
@@ -293,14 +307,25 @@ CASES: list[Case] = [
     Case("run name '..'", ["run", "--name", ".."]),
     Case("300-character run name", ["run", "--name", "n" * 300]),
     # combinations checked before any work (issue 17)
-    Case("autostructured on a model without convolutions", ["run", "--method", "autostructured"]),
+    Case(
+        "autostructured conv-only on a model without convolutions",
+        ["run", "--method", "autostructured", "--set", "structured.prune_linear=false"],
+    ),
     Case(
         "OMP prune round after the last round",
         ["run", "--method", "omp", "--rounds", "3", "--set", "pruning.prune_round=5"],
     ),
     Case(
         "compare: a method that cannot serve the model (reported before training)",
-        ["compare", "--methods", "fedavg,fedsparsify-global,autostructured", "--rounds", "1"],
+        [
+            "compare",
+            "--methods",
+            "fedavg,fedsparsify-global,autostructured",
+            "--rounds",
+            "1",
+            "--set",
+            "structured.prune_linear=false",
+        ],
     ),
     Case(
         "compare: two impossible methods, both reported",
@@ -312,6 +337,8 @@ CASES: list[Case] = [
             "2",
             "--set",
             "pruning.prune_round=9",
+            "--set",
+            "structured.prune_linear=false",
         ],
     ),
     Case("compare: a method twice", ["compare", "--methods", "fedavg,fedavg"]),
