@@ -200,6 +200,20 @@ class EngineConfig:
         1, "in-process engine: train clients in this many processes", ge=1, le=64, flag="--workers"
     )
     fp16: bool = _key(False, "send float values as float16 on the wire (lossy)")
+    wire_dtype: str = _key(
+        "float32",
+        "server-to-client float values as `float32` (lossless), `float16` or `bfloat16` "
+        "(lossy; `engine.fp16` = `float16`)",
+        choices=("float32", "float16", "bfloat16"),
+    )
+    values_only: bool = _key(
+        True,
+        "send a tensor as its values alone where the receiver holds its support "
+        "(in-process engine)",
+    )
+    compress: bool = _key(
+        False, "byte-plane shuffle + zlib on the values of every tensor (lossless, slower)"
+    )
     tensorboard: bool = _key(
         False, "also log each round to `RUN_DIR/tensorboard` (needs tensorboard)"
     )

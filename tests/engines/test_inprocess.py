@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fedprune.engines.inprocess as inprocess
+import fedprune.engines.references as references
 from fedprune.config import load_config
 from fedprune.core.codec import encode_payload
 from fedprune.experiment import run_experiment
@@ -63,27 +64,34 @@ def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
 def test_bytes_counted_are_the_encoded_buffer_lengths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lengths: list[int] = []
+    made: list[bytes] = []
 
     def spy(p, **kw):  # type: ignore[no-untyped-def]
         buf = encode_payload(p, **kw)
-        lengths.append(len(buf))
+        made.append(buf)
         return buf
 
+    # broadcasts are encoded by the engine, replies by references.encode_reply
     monkeypatch.setattr(inprocess, "encode_payload", spy)
-    res = run_experiment(_cfg(tmp_path, "method=fedsparsify-global", "pruning.final_sparsity=0.8"))
+    monkeypatch.setattr(references, "encode_payload", spy)
+    seen: list[tuple[str, bytes]] = []
+    marks: list[int] = []
+    with inprocess.tap_messages(lambda d, task, cid, buf, refs: seen.append((d, buf))):
+        res = run_experiment(
+            _cfg(tmp_path, "method=fedsparsify-global", "pruning.final_sparsity=0.8"),
+            on_round=lambda rec: marks.append(len(seen)),
+        )
     recs = res.records
-    # per round: one broadcast encoding (counted once per client) + one reply per client
-    total_counted = sum(r["bytes_up"] + r["bytes_down"] for r in recs)
-    per_round = []
-    i = 0
-    for r in recs:
-        down = lengths[i] * r["clients"]
-        up = sum(lengths[i + 1 : i + 1 + r["clients"]])
-        assert r["bytes_down"] == down and r["bytes_up"] == up
-        per_round.append(up + down)
-        i += 1 + r["clients"]
-    assert i == len(lengths) and sum(per_round) == total_counted
+    # every counted message is a buffer the codec made, counted once per recipient
+    assert all(any(buf is m for m in made) for _, buf in seen)
+    start = 0
+    for r, end in zip(recs, marks, strict=True):
+        msgs = seen[start:end]
+        down = [b for d, b in msgs if d == "down"]
+        up = [b for d, b in msgs if d == "up"]
+        assert len(down) == len(up) == r["clients"]
+        assert r["bytes_down"] == sum(map(len, down)) and r["bytes_up"] == sum(map(len, up))
+        start = end
     assert (
         res.summary["total_bytes_up"]
         == recs[-1]["cum_bytes_up"]

@@ -6,6 +6,15 @@ encode its reply, decodes the replies and hands them to the server half. Clients
 the main process, or in ``engine.workers`` forked worker processes (one torch thread
 each) that receive and return encoded bytes only.
 
+With ``engine.values_only`` (the default) a broadcast tensor travels values-only against
+the support its client already holds (:class:`~fedprune.engines.references.ReferenceBook`:
+the same array of the last broadcast the client acknowledged by replying), and a reply
+tensor against the support of what the client just received. The client's memory is
+handed to it beside the counted buffer (:func:`~fedprune.core.codec.pack_delivery`);
+only the buffer is counted. Replies are decoded against the schema of the global model
+(:func:`~fedprune.core.validation.reply_schema`): an unexpected, missing or mis-shaped
+array makes the reply undecodable, which drops that client like a failure.
+
 Client training is seeded per (round, client), so the result does not depend on the
 number of workers.
 """
@@ -15,13 +24,23 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from fedprune.config import RunConfig
-from fedprune.core.codec import Payload, decode_payload, encode_payload
+from fedprune.core.codec import (
+    Payload,
+    References,
+    Support,
+    decode_payload,
+    encode_payload,
+    pack_delivery,
+    supports_of,
+)
+from fedprune.core.validation import reply_schema
 from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
@@ -33,7 +52,8 @@ from fedprune.engines.common import (
     RoundRecord,
     round_failed_message,
 )
-from fedprune.errors import RoundFailedError
+from fedprune.engines.references import ReferenceBook, encode_reply
+from fedprune.errors import DecodeError, RoundFailedError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
 log = logging.getLogger(__name__)
@@ -50,14 +70,38 @@ def _init_worker(fed: Federation, factory: Callable[[], ClientMethod]) -> None:
     _W_CLIENT = factory()
 
 
+MessageTap = Callable[[str, str, int, bytes, "References | None"], None]
+"""Sees every counted message: ``(direction "down"/"up", task, cid, buffer, the
+receiver's references)`` (measurement only; see :func:`tap_messages`)."""
+_TAPS: list[MessageTap] = []
+
+
+@contextmanager
+def tap_messages(tap: MessageTap) -> Iterator[None]:
+    """Call ``tap`` with every message the engine counts while the block runs (one call
+    per delivered broadcast, one per reply). For measurements such as benchmarks/wire.py."""
+    _TAPS.append(tap)
+    try:
+        yield
+    finally:
+        _TAPS.remove(tap)
+
+
+def _tap(direction: str, task: str, cid: int, buf: bytes, refs: References | None) -> None:
+    for tap in _TAPS:
+        tap(direction, task, cid, buf, refs)
+
+
 def _run_client(client: ClientMethod, fed: Federation, cid: int, task: str, buf: bytes) -> bytes:
-    payload = decode_payload(buf)
+    """The client end: decode the delivered buffer against the client's memory, run the
+    task, encode the reply (values-only against what it just received, when enabled)."""
+    payload = decode_payload(buf)  # a delivery: decoded against the client's memory
     if task == FAIL_TASK:
         raise InjectedFailure(f"injected failure (engine.fail_rate={client.cfg.engine.fail_rate})")
     reply = client.run_task(task, payload, fed.clients[cid])
     if reply is None:
         raise RuntimeError("the client returned nothing")
-    return encode_payload(reply)
+    return encode_reply(reply, payload, client.cfg.engine)
 
 
 def _guarded(
@@ -110,6 +154,7 @@ class InProcessEngine:
         self._client: ClientMethod | None = None
         self._pool: Any = None
         self.failures: dict[int, str] = {}
+        self.references = ReferenceBook()
 
     # -- transport ------------------------------------------------------------------
     def exchange(
@@ -120,19 +165,65 @@ class InProcessEngine:
         Clients in ``fail`` fail on purpose (failure injection); a failed client's reply
         is missing and the reason is in ``self.failures``.
         """
-        fp16 = self.cfg.engine.fp16
-        encoded: dict[int, bytes] = {}
-        cache: dict[int, bytes] = {}
-        for cid, p in payloads.items():
-            buf = cache.get(id(p))
-            if buf is None:  # the same broadcast payload is encoded once
-                buf = encode_payload(p, fp16=fp16)
-                cache[id(p)] = buf
-            encoded[cid] = buf
-        self.accounting.count_down(task, (len(b) for b in encoded.values()))
-        replies_raw = self._run(task, encoded, fail)
+        deliveries, sent = self._encode_down(task, payloads)
+        replies_raw = self._run(task, deliveries, fail)
         self.accounting.count_up(task, (len(b) for b in replies_raw.values()))
-        return [ClientReply(cid, decode_payload(replies_raw[cid])) for cid in sorted(replies_raw)]
+        return self._decode_up(task, replies_raw, sent)
+
+    def _encode_down(
+        self, task: str, payloads: Mapping[int, Payload]
+    ) -> tuple[dict[int, bytes], dict[int, dict[str, Support]]]:
+        """Encode and count one message per client: the delivery for each client and the
+        supports it will hold once it has decoded it.
+
+        A payload is encoded once per distinct reference (all clients holding the same
+        broadcast share one buffer); each delivered buffer is counted once per client.
+        """
+        eng = self.cfg.engine
+        deliveries: dict[int, bytes] = {}
+        sent: dict[int, dict[str, Support]] = {}
+        sizes: list[int] = []
+        supports: dict[int, dict[str, Support]] = {}
+        groups: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        for cid, p in payloads.items():
+            held = self.references.of(cid) if eng.values_only else None
+            key = (id(p), id(held))
+            group = groups.get(key)
+            if group is None:
+                wire = encode_payload(
+                    p, fp16=eng.fp16, wire_dtype=eng.wire_dtype, references=held,
+                    compress=eng.compress,
+                )  # fmt: skip
+                group = groups[key] = (wire, pack_delivery(wire, held))
+            if id(p) not in supports:
+                supports[id(p)] = supports_of(p.arrays, fp16=eng.fp16, wire_dtype=eng.wire_dtype)
+            deliveries[cid], sent[cid] = group[1], supports[id(p)]
+            sizes.append(len(group[0]))
+            _tap("down", task, cid, group[0], held)
+        self.accounting.count_down(task, sizes)
+        return deliveries, sent
+
+    def _decode_up(
+        self, task: str, replies_raw: Mapping[int, bytes], sent: Mapping[int, dict[str, Support]]
+    ) -> list[ClientReply]:
+        """Decode the replies against the global model's schema and what each client was
+        sent; an undecodable reply drops its client (reason in ``self.failures``)."""
+        expect = reply_schema(self.server.model.state_dict(), task)
+        values_only = self.cfg.engine.values_only
+        replies: list[ClientReply] = []
+        for cid in sorted(replies_raw):
+            refs = sent[cid] if values_only else None
+            if values_only:  # the client replied: it holds what it was sent
+                self.references.commit(cid, sent[cid])
+            _tap("up", task, cid, replies_raw[cid], refs)
+            try:
+                payload = decode_payload(replies_raw[cid], expect=expect, references=refs)
+            except DecodeError as exc:
+                self.failures[cid] = f"undecodable reply: {exc}"
+                log.warning("client %d dropped from the %s task: undecodable reply", cid, task)
+                continue
+            replies.append(ClientReply(cid, payload))
+        return replies
 
     def _run(
         self, task: str, encoded: dict[int, bytes], fail: frozenset[int] = frozenset()
@@ -208,6 +299,17 @@ class InProcessEngine:
             self._pool.join()
             self._pool = None
 
+    def _with_references(self, checkpoint: CheckpointFn | None) -> CheckpointFn | None:
+        """The checkpoint callback with the reference book added to the engine state."""
+        if checkpoint is None:
+            return None
+        inner = checkpoint
+
+        def save(rnd: int, records: list[RoundRecord], state: dict[str, Any]) -> None:
+            inner(rnd, records, {**state, "references": self.references.state_dict()})
+
+        return save
+
     # -- the loop -------------------------------------------------------------------
     def run(
         self,
@@ -231,6 +333,9 @@ class InProcessEngine:
         t_start = time.perf_counter()
         try:
             records = self.accounting.start(self.server, self, resume)
+            if resume is not None:
+                self.references.load_state_dict(resume.engine.get("references"))
+            checkpoint = self._with_references(checkpoint)
             for rnd in range(len(records) + 1, self.cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)

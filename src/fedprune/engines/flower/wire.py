@@ -24,6 +24,15 @@ a reply and logs why). The bytes counted for a message are
 what the in-process engine counts for the same payload. Flower's own framing
 (protobuf, HTTP) is not counted, in either engine.
 
+A receiver that knows what to expect passes it to :func:`decode_content`: ``expect`` (a
+:class:`~fedprune.core.codec.Schema`, e.g. the strategy's
+:func:`~fedprune.core.validation.reply_schema` of the global model) rejects unknown and
+missing arrays before any is decoded and forged shapes before anything is allocated;
+without it, a buffer can make the decoder allocate at most
+:func:`~fedprune.core.codec.expansion_bound` of its own length. ``references`` are the
+supports the receiver holds, against which values-only tensors decode
+(:func:`encode_for_flower` makes them when given the receiver's references).
+
 One ``Array`` per tensor, rather than the whole buffer in one ``Array``, keeps the
 message readable with Flower's tools (names, shapes, dtypes, per-tensor sizes), lets
 Flower's object store deduplicate and chunk tensors individually, and costs nothing:
@@ -40,7 +49,15 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedprune.core.codec import Payload, decode_payload, encode_payload, join_payload, split_payload
+from fedprune.core.codec import (
+    Payload,
+    References,
+    Schema,
+    decode_payload,
+    encode_payload,
+    join_payload,
+    split_payload,
+)
 from fedprune.errors import DecodeError, FedpruneError
 
 __all__ = [
@@ -98,9 +115,23 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def encode_for_flower(payload: Payload, *, fp16: bool = False) -> EncodedPayload:
-    """Encode ``payload`` with the codec and cut the buffer along its own framing."""
-    buf = encode_payload(payload, fp16=fp16)
+def encode_for_flower(
+    payload: Payload,
+    *,
+    fp16: bool = False,
+    wire_dtype: str | None = None,
+    references: References | None = None,
+    compress: bool = False,
+) -> EncodedPayload:
+    """Encode ``payload`` with the codec and cut the buffer along its own framing.
+
+    ``fp16``, ``wire_dtype``, ``references`` (the supports the receiver holds: tensors
+    inside them travel values-only) and ``compress`` are
+    :func:`~fedprune.core.codec.encode_payload`'s.
+    """
+    buf = encode_payload(
+        payload, fp16=fp16, wire_dtype=wire_dtype, references=references, compress=compress
+    )
     parts = split_payload(buf)
     arrays: list[tuple[str, bytes, str, tuple[int, ...]]] = []
     for name, data in parts.arrays.items():
@@ -136,8 +167,25 @@ def content_nbytes(content: RecordDict) -> int:
     return n
 
 
-def decode_content(content: RecordDict) -> tuple[str, Payload, int]:
+def decode_content(
+    content: RecordDict,
+    *,
+    expect: Schema | None = None,
+    references: References | None = None,
+) -> tuple[str, Payload, int]:
     """Rebuild and decode the payload a message carries.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The message's content.
+    expect : Schema or None
+        What the receiver expects (the strategy: :func:`~fedprune.core.validation.reply_schema`
+        of the global model): unknown or missing arrays and forged shapes are rejected
+        before anything is allocated. Without it, what a buffer may allocate is bounded by
+        its own length (:func:`~fedprune.core.codec.expansion_bound`).
+    references : Mapping[str, Support] or None
+        The supports the receiver holds (for values-only tensors).
 
     Returns
     -------
@@ -166,7 +214,7 @@ def decode_content(content: RecordDict) -> tuple[str, Payload, int]:
     for name, a in arrays.items():
         if a.stype != STYPE:
             raise DecodeError(f"array {name[:80]!r} has stype {a.stype!r}")
-    payload = decode_payload(buf)
+    payload = decode_payload(buf, expect=expect, references=references)
     for name, t in payload.arrays.items():
         a = arrays[name]
         if a.dtype != _dtype_name(t) or tuple(a.shape) != tuple(t.shape):
