@@ -14,10 +14,11 @@ offset     size        field
 =========  ==========  ==============================================================
 0          3           magic ``b"FPT"``
 3          1           format version (:data:`FORMAT_VERSION`, currently 1)
-4          1           format: 0 DENSE, 1 BITMASK, 2 COO (:class:`TensorFormat`)
+4          1           format: 0 DENSE, 1 BITMASK, 2 COO, 3 VALUES (:class:`TensorFormat`),
+                       plus 0x80 (:data:`COMPRESSED`) when the values are compressed
 5          1           dtype code of the tensor (see below)
 6          1           dtype code of the transported values (equal to the dtype code,
-                       or float16 for a float32/float64 tensor sent with ``fp16=True``)
+                       or float16/bfloat16 for a float32/float64 tensor sent lossy)
 7          1           ``ndim`` (0..8)
 8          4 × ndim    shape, one uint32 per dimension (``numel`` <= :data:`MAX_NUMEL`)
 8 + 4·nd   ...         body, by format (below)
@@ -35,6 +36,31 @@ The header is ``8 + 4 * ndim`` bytes (12 for a vector, 16 for a matrix). Bodies,
   narrowest unsigned type that holds ``n - 1``), the ``nnz`` flat indices (strictly
   increasing), then the ``nnz`` values (nothing for bool).
 
+- **VALUES** (values only, against a reference the receiver holds: a :class:`Support`,
+  e.g. the support of the same array in the last message it received):
+
+  - 4 bytes: ``r``, the kept positions of the reference (uint32);
+  - 4 bytes: CRC-32 (``zlib.crc32``) of the reference packed as BITMASK packs a mask;
+  - 1 byte: the change code (:class:`Change`), then its body: 0 NONE, nothing (the
+    support is the reference); 1 RANKMASK, ``ceil(r / 8)`` bytes, a packed bit per kept
+    position of the reference in flat order (1 = still kept, padding bits zero); 2
+    RANKGAPS, ``k`` (uint32) removed positions and ``g`` (uint32) bytes, then ``g``
+    bytes of ``k`` LEB128 varints: the rank (among the reference's kept positions) of
+    the first removed one, then each next rank minus the previous minus one;
+  - the values at the kept positions, in flat order (none for bool).
+
+  With NONE the values include the zeros at kept positions; the encoder picks the
+  smallest of the three (first minimum in that order) and sends VALUES only when every
+  non-zero lies inside the reference and it beats the best full format. A decoder
+  whose reference has another count or CRC raises :class:`DecodeError`.
+
+Values section. Raw: the values, ``vs`` bytes each, little-endian. Compressed
+(``compress=True``, flag 0x80): for each byte plane ``i = 0 .. vs-1`` (byte ``i`` of
+every value, little-endian order), a uint32 ``w`` then ``w & 0x7fffffff`` bytes: the
+plane itself (``w`` = its length, which must be the value count) or, when bit 31 is
+set, its zlib stream, which must inflate to exactly the value count. The encoder keeps
+the raw layout when compression wins nothing.
+
 "Non-zero" is decided on the bit pattern of the transported values, so ``-0.0`` and NaN
 count as non-zero and every tensor round-trips bit for bit (with ``fp16=True``: bit for
 bit equal to ``t.half()`` cast back to the original dtype).
@@ -43,11 +69,18 @@ Dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16 (sent as its raw 2-byte
 4 int64, 5 int32, 6 int16, 7 int8, 8 uint8, 9 bool.
 
 ``fmt=None`` picks the smallest format for the tensor, computed arithmetically from
-``n`` and ``nnz``; ties go to DENSE, then BITMASK.
+``n`` and ``nnz``; ties go to DENSE, then BITMASK (and VALUES only when strictly smaller).
 
-``fp16=True`` is **lossy**: float32 and float64 values travel as IEEE float16 (rounded to
-nearest, values beyond ±65504 become ±inf, tiny values flush to zero) and are decoded
-back to the original dtype. Other dtypes ignore the flag.
+``fp16=True`` (``wire_dtype="float16"``) is **lossy**: float32 and float64 values travel as
+IEEE float16 (rounded to nearest, values beyond ±65504 become ±inf, tiny values flush to
+zero) and are decoded back to the original dtype. ``wire_dtype="bfloat16"`` keeps
+float32's range with 8 bits of mantissa (rounded as torch rounds). Other dtypes ignore
+both.
+
+``fmt=None`` only picks a full format whose decoded size is at most
+:func:`expansion_bound` of its buffer (``64 * length + 1 MiB``): a COO tensor of a few
+non-zeros among many millions goes BITMASK instead, so that a decoder can bound what a
+buffer may allocate by its own length.
 
 Message buffer
 --------------
@@ -73,9 +106,13 @@ lengths checked against each other) before :func:`decode_payload`; only this mod
 knows the layout above.
 
 Decoding is strict: every malformed buffer (bad magic, version, codes, lengths, counts,
-indices, padding, JSON) raises :class:`fedprune.errors.DecodeError` with a one-line
-message, and a header cannot make the decoder allocate more than :data:`MAX_NUMEL`
-elements. Non-finite tensor values are allowed here; validating them is a separate layer.
+indices, padding, JSON, another reference) raises :class:`fedprune.errors.DecodeError`
+with a one-line message. No buffer makes the decoder allocate more than a bound: with a
+:class:`Schema` (``expect=``) unknown and missing arrays are rejected before any tensor
+is decoded and each tensor's shape and dtype before it is allocated; without one, the
+full-format tensors of a buffer may decode to at most :func:`expansion_bound` of its
+length (values-only tensors are bounded by the receiver's own reference). Non-finite
+tensor values are allowed here; validating them is a separate layer.
 """
 
 from __future__ import annotations
