@@ -1,0 +1,383 @@
+"""Reproduce a paper's headline experiment: one command per claim, resumable.
+
+    FEDPRUNE_DATA=/work/shared/data python benchmarks/reproduce.py CLAIM \
+        [--seeds 0,1,2] [--scale 0.1] [--resume] [--workers 2] [--set key=value ...]
+    python benchmarks/reproduce.py --list
+
+A claim is a set of variants (method and settings) run on the paper's own setting (the
+example config in ``configs/`` it names: data set, split, model, optimiser, rounds),
+once per seed. ``--scale`` multiplies the paper's number of rounds (and AutoFLIP's
+exploration epochs), never the model, the data set or the split; the scale is written
+next to every figure. Each run is an ordinary run directory under
+``benchmarks/results/reproduction/CLAIM/runs/`` (not committed); with ``--resume`` a
+finished run is read back, an interrupted one continues from its checkpoint, and a new
+one starts. The command writes ``CLAIM.json`` (every figure, how it was measured) and
+``CLAIM.png`` (accuracy against rounds and against MB communicated) to
+``benchmarks/results/reproduction/CLAIM/`` and prints the Markdown table rows that
+``REPRODUCTION.md`` quotes.
+
+Figures per variant (mean ± std over seeds; "vs FedAvg" compares with the FedAvg run of
+the same seed, split and scale): final and best accuracy of the global model on the
+central test set, the gap to FedAvg in points, the final sparsity and non-zero
+parameters, the bytes up + down of the real encoded payloads, and how many times fewer
+bytes than FedAvg's run ("comm ×").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from _common import load_average, machine
+from fedprune.config import RunConfig, load_config
+from fedprune.experiment import resume_experiment, run_experiment
+from fedprune.rundir import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "reproduction"
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of a claim's table: a method and its settings on the claim's config."""
+
+    label: str
+    overrides: tuple[str, ...]
+    config: str | None = None
+    """Another config file than the claim's (e.g. the IID split of the same setting)."""
+    group: str = ""
+    """Variants are compared with the FedAvg variant of the same group (e.g. a split)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A headline claim of a paper and the runs that test it."""
+
+    name: str
+    paper: str
+    claim: str
+    config: str
+    variants: tuple[Variant, ...]
+    explore: bool = False
+    """AutoFLIP: ``--scale`` also scales the exploration epochs."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _fedsparsify(group: str, config: str | None = None) -> list[Variant]:
+    out = [Variant(f"{group} fedavg", ("method='fedavg'",), config, group)]
+    for s in (0.9, 0.95, 0.99):
+        for m in ("global", "local"):
+            out.append(
+                Variant(
+                    f"{group} {m} {s:g}",
+                    (f"method='fedsparsify-{m}'", f"pruning.final_sparsity={s}"),
+                    config,
+                    group,
+                )
+            )
+    return out
+
+
+CLAIMS: dict[str, Claim] = {
+    c.name: c
+    for c in (
+        Claim(
+            "fedsparsify-fmnist",
+            "Stripelis et al. 2022 (FedSparsify)",
+            "about FedAvg's accuracy at 90-99% sparsity with ~3x less communication",
+            "configs/fedsparsify-fmnist-10c-noniid.toml",
+            (
+                *_fedsparsify("non-IID"),
+                *_fedsparsify("IID", "configs/fedsparsify-fmnist-10c-iid.toml"),
+            ),
+        ),
+        Claim(
+            "fedsparsify-fmnist-100c",
+            "Stripelis et al. 2022 (FedSparsify)",
+            "the 100-client, 10%-participation environment at 90%",
+            "configs/fedsparsify-fmnist-100c-noniid.toml",
+            (
+                Variant("fedavg", ("method='fedavg'",)),
+                Variant("global 0.9", ("method='fedsparsify-global'",)),
+                Variant("local 0.9", ("method='fedsparsify-local'",)),
+            ),
+        ),
+        Claim(
+            "fedsparsify-cifar10",
+            "Stripelis et al. 2022 (FedSparsify)",
+            "cnn6 on CIFAR-10 at 90% with the paper's optimiser",
+            "configs/fedsparsify-cifar10.toml",
+            (
+                Variant("fedavg", ("method='fedavg'",)),
+                Variant("global 0.9", ("method='fedsparsify-global'",)),
+                Variant("local 0.9", ("method='fedsparsify-local'",)),
+            ),
+        ),
+        *(
+            Claim(
+                f"autoflip-{ds}",
+                "Internò et al. 2024 (AutoFLIP)",
+                "better global accuracy than FedAvg with -48.8% compute and -35.5% communication",
+                f"configs/autoflip-{ds}.toml",
+                (
+                    Variant("fedavg (FedAvgM)", ("method='fedavg'",)),
+                    Variant("autoflip (paper, T_p share)", ("method='autoflip'",)),
+                    Variant(
+                        "autoflip (paper, strict G > tau)",
+                        ("method='autoflip'", "autoflip.threshold_rule='strict'"),
+                    ),
+                ),
+                explore=True,
+            )
+            for ds in ("mnist", "cifar10", "femnist")
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def _scaled(cfg: RunConfig, scale: float, explore: bool) -> list[str]:
+    rounds = max(1, round(cfg.federation.rounds * scale))
+    out = [f"federation.rounds={rounds}"]
+    if cfg.method == "prunefl":  # pragma: no cover - not in any claim yet
+        out.append(f"pruning.readjust_every={max(1, round(cfg.pruning.readjust_every * scale))}")
+    if explore and cfg.method == "autoflip":
+        af = cfg.autoflip
+        out.append(f"autoflip.explore_epochs={max(1, round(af.explore_epochs * scale))}")
+        out.append(f"autoflip.explore_patience={max(1, round(af.explore_patience * scale))}")
+    return out
+
+
+def run_config(
+    claim: Claim, v: Variant, seed: int, scale: float, extra: Sequence[str]
+) -> RunConfig:
+    """The configuration of one run of a claim."""
+    path = ROOT / (v.config or claim.config)
+    base = load_config(path, [*v.overrides, f"seed={seed}", *extra])
+    return load_config(
+        path, [*v.overrides, f"seed={seed}", *extra, *_scaled(base, scale, claim.explore)]
+    )
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip("-")
+
+
+def run_one(
+    cfg: RunConfig, run_dir: Path, resume: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run (or read back, or continue) one run directory; returns summary and records."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        if not resume:
+            raise SystemExit(f"{run_dir} exists; pass --resume to reuse it")
+        return json.loads(summary.read_text()), read_metrics(run_dir)
+    if run_dir.exists():
+        if resume and (run_dir / "checkpoint.safetensors").is_file():
+            res = resume_experiment(run_dir)
+            return res.summary, list(res.records)
+        if not resume:
+            raise SystemExit(f"{run_dir} exists; pass --resume to continue it")
+        shutil.rmtree(run_dir)  # started but no checkpoint yet: start again
+    cfg.out, cfg.name = str(run_dir.parent), run_dir.name
+    res = run_experiment(cfg.validate())
+    return res.summary, list(res.records)
+
+
+def _ms(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if mean is None:
+        return "—"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if std else "")
+
+
+def summarise(
+    claim: Claim, runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    """One row per variant: means and standard deviations over seeds."""
+    rows = []
+    seeds = sorted({s for _, s in runs})
+    fedavg = {v.group: v.label for v in claim.variants if "fedavg" in v.label}
+    for v in claim.variants:
+        per = [runs[(v.label, s)] for s in seeds if (v.label, s) in runs]
+        if not per:
+            continue
+        refs = [runs.get((fedavg.get(v.group, ""), s)) for s in seeds if (v.label, s) in runs]
+        gap, comm = [], []
+        for (s, _), ref in zip(per, refs, strict=True):
+            if ref is None:
+                continue
+            gap.append(100 * (s["final_accuracy"] - ref[0]["final_accuracy"]))
+            mine = s["total_bytes_up"] + s["total_bytes_down"]
+            theirs = ref[0]["total_bytes_up"] + ref[0]["total_bytes_down"]
+            comm.append(theirs / mine)
+        row: dict[str, Any] = {"variant": v.label, "seeds": len(per)}
+        for key in ("final_accuracy", "best_accuracy", "final_sparsity", "final_nonzero_params"):
+            row[key], row[key + "_std"] = _ms([s.get(key) for s, _ in per])
+        row["mb"], row["mb_std"] = _ms(
+            [(s["total_bytes_up"] + s["total_bytes_down"]) / MB for s, _ in per]
+        )
+        row["gap_pt"], row["gap_pt_std"] = _ms(gap)
+        row["comm_x"], row["comm_x_std"] = _ms(comm)
+        row["wall_s"], _ = _ms([s.get("wall_s") for s, _ in per])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as REPRODUCTION.md shows them."""
+    head = (
+        "| variant | seeds | final acc % | best acc % | vs FedAvg (pt) | sparsity % | "
+        "non-zero params | MB up+down | comm × vs FedAvg |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['seeds']} "
+            f"| {_pm(r['final_accuracy'], r['final_accuracy_std'], 100)} "
+            f"| {_pm(r['best_accuracy'], r['best_accuracy_std'], 100)} "
+            f"| {_pm(r['gap_pt'], r['gap_pt_std'])} "
+            f"| {_pm(r['final_sparsity'], r['final_sparsity_std'], 100, 1)} "
+            f"| {_pm(r['final_nonzero_params'], r['final_nonzero_params_std'], 1, 0)} "
+            f"| {_pm(r['mb'], r['mb_std'], 1, 1)} | {_pm(r['comm_x'], r['comm_x_std'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    claim: Claim,
+    runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]],
+    out: Path,
+) -> Path:
+    """Accuracy against round and against cumulative MB, one line per variant (seed 1st)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    seen: set[str] = set()
+    for (label, _seed), (_s, recs) in sorted(runs.items()):
+        if label in seen:
+            continue
+        seen.add(label)
+        pts = [r for r in recs if r.get("test_accuracy") is not None]
+        a1.plot([r["round"] for r in pts], [100 * r["test_accuracy"] for r in pts], label=label)
+        a2.plot(
+            [(r["cum_bytes_up"] + r["cum_bytes_down"]) / MB for r in pts],
+            [100 * r["test_accuracy"] for r in pts],
+            label=label,
+        )
+    a1.set_xlabel("round")
+    a2.set_xlabel("MB communicated (up + down)")
+    a2.set_xscale("log")
+    for a in (a1, a2):
+        a.set_ylabel("test accuracy %")
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=7)
+    fig.suptitle(f"{claim.name}: {claim.claim}", fontsize=9)
+    fig.tight_layout()
+    path = out / f"{claim.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("claim", nargs="?", choices=sorted(CLAIMS))
+    p.add_argument("--list", action="store_true", help="list the claims and their runs")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--scale", type=float, default=1.0, help="share of the paper's rounds")
+    p.add_argument("--resume", action="store_true", help="reuse and continue run directories")
+    p.add_argument("--variants", default="", help="comma-separated substrings: only these")
+    p.add_argument(
+        "--set", dest="extra", action="append", default=[], help="key=value for every run"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.list or args.claim is None:
+        for c in CLAIMS.values():
+            print(f"{c.name}: {c.paper}: {c.claim} ({c.config}, {len(c.variants)} variants)")
+        return 0
+    claim = CLAIMS[args.claim]
+    if not 0 < args.scale <= 1:
+        p.error("--scale must be in (0, 1]")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+    variants = [v for v in claim.variants if not wanted or any(w in v.label for w in wanted)]
+    out = args.out / claim.name
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for v in variants:
+            cfg = run_config(claim, v, seed, args.scale, args.extra)
+            rd = out / "runs" / f"{_slug(v.label)}-seed{seed}"
+            print(
+                f"[{time.perf_counter() - t0:7.0f} s] {v.label}, seed {seed}: "
+                f"{cfg.federation.rounds} rounds -> {rd}",
+                flush=True,
+            )
+            runs[(v.label, seed)] = run_one(cfg, rd, args.resume)
+            configs[v.label] = {"config": v.config or claim.config, "overrides": list(v.overrides)}
+    rows = summarise(claim, runs)
+    command = "python benchmarks/reproduce.py " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
+    png = plot(claim, runs, out)
+    payload = {
+        "claim": claim.name,
+        "paper": claim.paper,
+        "claimed": claim.claim,
+        "scale": args.scale,
+        "seeds": seeds,
+        "command": command,
+        "machine": machine(),
+        "load_average_at_end": load_average(),
+        "variants": configs,
+        "rows": rows,
+        "curves": {
+            f"{label} seed {seed}": [
+                {
+                    "round": r["round"],
+                    "acc": r.get("test_accuracy"),
+                    "mb": (r["cum_bytes_up"] + r["cum_bytes_down"]) / MB,
+                    "sparsity": r.get("sparsity"),
+                }
+                for r in recs
+            ]
+            for (label, seed), (_s, recs) in runs.items()
+        },
+    }
+    (out / f"{claim.name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    print(f"\n{claim.name} at scale {args.scale:g} of the paper's rounds, seeds {seeds}:")
+    print(markdown(rows))
+    print(f"\nwritten: {out / (claim.name + '.json')}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
