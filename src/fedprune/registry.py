@@ -274,7 +274,9 @@ BUILTIN: tuple[MethodInfo, ...] = (
         "autoflip",
         _M + "autoflip:AutoFlipServer",
         _M + "autoflip:AutoFlipClient",
-        "Loss exploration from one theta_0, guidance-driven unit removal + weight mask.",
+        "Loss exploration from one theta_0 (every explorer trains up to "
+        "autoflip.explore_epochs=150 epochs before round 1), then guidance-driven unit "
+        "removal + weight mask.",
         "Internò et al. 2024 (AutoFLIP)",
         section="autoflip",
         config=AutoFlipConfig,
