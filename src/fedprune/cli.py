@@ -456,6 +456,29 @@ def report(
     console.print(f"report written to {dest}")
 
 
+@app.command(
+    name="flower",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def flower(ctx: typer.Context) -> None:
+    """Flower deployment: exec (a SuperNode's warm executor), run (exit 0 iff it completed)."""
+    args = list(ctx.args)
+    action, rest = (args[0], args[1:]) if args else ("", [])
+    if action == "exec":
+        from fedprune.engines.flower.warm import main as flower_main
+    elif action == "run":
+        from fedprune.engines.flower.submit import main as flower_main
+    else:
+        print("usage: fedprune flower {exec,run} [--help] ...", file=sys.stderr)
+        raise typer.Exit(0 if action in ("", "-h", "--help") else 2)
+    try:
+        code = flower_main(rest)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        code = exc.code if isinstance(exc.code, int) else 2
+    raise typer.Exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedprune`` console script; returns the exit code."""
     try:

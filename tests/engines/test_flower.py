@@ -58,6 +58,18 @@ from fedprune.methods.registry import get_method, list_methods
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _partition_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ClientApps cache their partition here, not in the user's ~/.cache."""
+    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "partition-cache"))
+
+
+# The Flower engine sends every tensor with its support; the in-process engine's
+# values-only messages (engine.values_only) count fewer bytes, so the reference runs
+# compare with them off.
+_FULL = "engine.values_only=false"
+
+
 def _cfg(tmp_path: Path, *extra: str) -> RunConfig:
     return load_config(
         overrides=[
@@ -65,6 +77,7 @@ def _cfg(tmp_path: Path, *extra: str) -> RunConfig:
             "federation.rounds=3",
             "data.num_clients=4",
             "federation.clients_per_round=3",
+            _FULL,
             *extra,
         ]
     )
@@ -524,6 +537,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploy
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
         "FEDPRUNE_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
+        "FEDPRUNE_CACHE": str(home / "partition-cache"),
     }
     with local_deployment(home, 2, connection="fedprune-test", env=env) as dep:
         yield dep
@@ -539,6 +553,7 @@ def _deployed_vs_inprocess(
         "federation.rounds": 2,
         "data.num_clients": 2,
         "train.local_epochs": 1,
+        "engine.values_only": False,
         **extra,
     }
     out = tmp_path / "deployed"

@@ -2,10 +2,16 @@
 
 The ClientApp answers two kinds of message: ``query`` (which partition this node holds,
 for the strategy's discovery) and ``train`` (one task of the client half on this node's
-partition). It does not know how a run's data set and client half are built: the caller
-passes a :data:`ClientBuilder` (``fedprune.flower_app`` passes the experiment's loader;
-the simulation engine a :class:`FactoryClientBuilder` around the run's own client
-factory), which keeps the engine below ``fedprune.experiment`` in the layering.
+partition). It does not know how a node's data and client half are built: the caller
+passes a :data:`ClientBuilder` (``fedprune.flower_app`` passes one that reads the node's
+cached partition, :mod:`~fedprune.engines.flower.partitions`; the simulation engine a
+:class:`FactoryClientBuilder` around the run's own federation loader and client factory),
+which keeps the engine below ``fedprune.experiment`` in the layering.
+
+A deployment SuperNode starts a fresh process for every message (Flower's default
+executor), so this module keeps that start lean: importing it loads Flower's app API
+and fedprune's config, not torch; a ``query`` is answered without torch; torch, the
+codec and the method are imported by the first ``train`` message.
 """
 
 from __future__ import annotations
@@ -13,67 +19,105 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedprune.config import RunConfig, config_from_dict, config_to_dict
-from fedprune.data.federation import Federation
-from fedprune.engines.common import FAIL_TASK, InjectedFailure
 from fedprune.engines.flower.runconfig import config_from_run_config
 from fedprune.engines.flower.wire import (
     NODE_KEY,
     NUM_PARTITIONS,
     PARTITION_ID,
     FlowerEngineError,
-    decode_content,
-    encode_for_flower,
-    make_content,
 )
-from fedprune.methods.base import ClientMethod
 
-__all__ = ["ClientBuilder", "FactoryClientBuilder", "make_client_app"]
+if TYPE_CHECKING:
+    from fedprune.data.federation import ClientData, Federation
+    from fedprune.methods.base import ClientMethod
 
-ClientBuilder = Callable[[RunConfig], tuple[Federation, ClientMethod]]
-"""Builds a client process's federation (the run's split of its data set) and the
-method's client half for a run config. Shipped to simulation actors, so it must pickle."""
+__all__ = ["ClientBuilder", "FactoryClientBuilder", "NodeRuntime", "make_client_app"]
+
+
+@dataclass(frozen=True)
+class NodeRuntime:
+    """What a node needs to run tasks: its partition, the client count, the client half.
+
+    Attributes
+    ----------
+    data : ClientData
+        The node's partition (``data.cid`` is its partition id).
+    num_clients : int
+        Clients in the run's federation.
+    client : ClientMethod
+        The method's client half for the run's config.
+    """
+
+    data: ClientData
+    num_clients: int
+    client: ClientMethod
+
+
+ClientBuilder = Callable[[RunConfig, int], NodeRuntime]
+"""Builds a node's :class:`NodeRuntime` for a run config and a partition id. Shipped to
+simulation actors, so it must pickle."""
+
+
+_FEDERATION: dict[str, Federation] = {}
 
 
 @dataclass(frozen=True)
 class FactoryClientBuilder:
     """A :data:`ClientBuilder` from a federation loader and a client-half factory.
 
-    Picklable when both are (module-level functions, ``functools.partial`` of classes).
+    The whole federation is loaded once per process and config (a simulation actor
+    serves many partitions). Picklable when both are (module-level functions,
+    ``functools.partial`` of classes).
     """
 
     load_federation: Callable[[RunConfig], Federation]
     factory: Callable[[], ClientMethod]
 
-    def __call__(self, cfg: RunConfig) -> tuple[Federation, ClientMethod]:
-        """Load the federation, then build the client half."""
-        fed = self.load_federation(cfg)
-        return fed, self.factory()
+    def __call__(self, cfg: RunConfig, pid: int) -> NodeRuntime:
+        """Partition ``pid`` of the (cached) federation, and a client half."""
+        key = _config_key(cfg)
+        fed = _FEDERATION.get(key)
+        if fed is None:
+            _FEDERATION.clear()
+            fed = _FEDERATION[key] = self.load_federation(cfg)
+        if not 0 <= pid < len(fed.clients):
+            raise FlowerEngineError(
+                f"{PARTITION_ID}={pid} is out of range: {len(fed.clients)} clients"
+            )
+        return NodeRuntime(fed.clients[pid], len(fed.clients), self.factory())
 
 
-_CLIENT_CACHE: dict[str, tuple[Federation, ClientMethod]] = {}
+def _config_key(cfg: RunConfig) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
 
 
-def _client_runtime(cfg: RunConfig, build: ClientBuilder) -> tuple[Federation, ClientMethod]:
-    """This process's federation and client half for ``cfg`` (built once, then reused).
+_RUNTIMES: dict[tuple[str, int], NodeRuntime] = {}
 
-    A simulation actor serves many messages and keeps both; a deployment SuperNode
-    starts a fresh ClientApp process per message and rebuilds them.
+
+def _node_runtime(cfg: RunConfig, pid: int, build: ClientBuilder) -> NodeRuntime:
+    """This process's runtime for ``(cfg, pid)`` (built once, then reused).
+
+    A simulation actor serves many messages and partitions, and the warm executor
+    (:mod:`~fedprune.engines.flower.warm`) many messages of its node: both keep it. A
+    SuperNode with Flower's default executor starts a fresh ClientApp process per
+    message, which rebuilds it (from the node's partition cache).
     """
-    key = json.dumps(config_to_dict(cfg), sort_keys=True)
-    hit = _CLIENT_CACHE.get(key)
+    key = (_config_key(cfg), pid)
+    hit = _RUNTIMES.get(key)
     if hit is None:
         if cfg.engine.threads:
+            import torch
+
             torch.set_num_threads(cfg.engine.threads)
-        fed, client = build(cfg)
-        _CLIENT_CACHE.clear()
-        hit = _CLIENT_CACHE[key] = (fed, client)
+        if any(k[0] != key[0] for k in _RUNTIMES):  # another run's config: let it go
+            _RUNTIMES.clear()
+        hit = _RUNTIMES[key] = build(cfg, pid)
     return hit
 
 
@@ -117,8 +161,8 @@ def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> Clien
     Parameters
     ----------
     build
-        Builds the run's federation and the method's client half (called once per
-        process and config). Shipped to simulation actors, so it must pickle.
+        Builds a node's partition and the method's client half (called once per
+        process, config and partition). Shipped to simulation actors, so it must pickle.
     cfg
         The run's config. ``None`` (``flwr run``): read it from the run config.
     """
@@ -142,20 +186,23 @@ def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> Clien
     def train(msg: Message, context: Context) -> Message:
         cfg = _cfg(context)
         pid, num = _node_partition(context)
-        fed, client = _client_runtime(cfg, build)
-        if num is not None and num != len(fed.clients):
+        clients = cfg.data.num_clients
+        if num is not None and num != clients:
             raise FlowerEngineError(
                 f"SuperNode {context.node_id} says {NUM_PARTITIONS}={num}, but the run's "
-                f"federation has {len(fed.clients)} clients (data.num_clients)"
+                f"federation has {clients} clients (data.num_clients)"
             )
-        if pid >= len(fed.clients):
-            raise FlowerEngineError(
-                f"{PARTITION_ID}={pid} is out of range: {len(fed.clients)} clients"
-            )
+        if pid >= clients:
+            raise FlowerEngineError(f"{PARTITION_ID}={pid} is out of range: {clients} clients")
+        # torch, the codec and the method: first needed here (a query never loads them)
+        from fedprune.engines.common import FAIL_TASK, InjectedFailure
+        from fedprune.engines.flower.wire import decode_content, encode_for_flower, make_content
+
+        node = _node_runtime(cfg, pid, build)
         task, payload, _ = decode_content(msg.content)
         if task == FAIL_TASK:
             raise InjectedFailure(f"injected failure (engine.fail_rate={cfg.engine.fail_rate})")
-        reply = client.run_task(task, payload, fed.clients[pid])
+        reply = node.client.run_task(task, payload, node.data)
         # replies are encoded as in the in-process engine (fp16 applies to downloads)
         content = make_content(encode_for_flower(reply), task)
         _remember(context, pid, task, msg.metadata.group_id)

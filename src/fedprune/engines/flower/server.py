@@ -5,6 +5,10 @@ The engine does not prepare or finish runs itself (that is ``fedprune.experiment
 above the engines in the layering): :func:`make_server_app` receives the three steps
 as callables (``fedprune.flower_app`` passes the experiment's ``prepare_run``,
 ``prepare_resume`` and ``finish_run``).
+
+The strategy (and with it torch) is imported when the ServerApp runs, not when this
+module is imported: ``fedprune.flower_app`` builds both apps at import, and a ClientApp
+process that imports it must stay lean.
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedprune.config import RunConfig
-from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Resume, RoundCallback, RoundRecord
 from fedprune.engines.flower.runconfig import config_from_run_config
-from fedprune.engines.flower.strategy import FedpruneStrategy
-from fedprune.methods.base import ServerMethod
+
+if TYPE_CHECKING:
+    from fedprune.data.federation import Federation
+    from fedprune.engines.common import CheckpointFn, Resume, RoundCallback, RoundRecord
+    from fedprune.methods.base import ServerMethod
 
 __all__ = ["FinishedRun", "PreparedServerRun", "make_server_app"]
 
@@ -92,6 +97,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedprune.engines.flower.strategy import FedpruneStrategy
+
         cfg, options = config_from_run_config(context.run_config)
         resume: Resume | None = None
         if options.resume:

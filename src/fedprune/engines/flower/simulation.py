@@ -1,11 +1,21 @@
 """``fedprune run --engine flower``: the method's halves on Flower's simulation runtime
-(Ray), in this process."""
+(Ray), in this process, on this machine's CPUs or on an existing Ray cluster.
+
+With ``RAY_ADDRESS`` set (Ray's own variable: ``host:port`` of a running cluster's
+head, as ``ray start --head`` prints it) or ``ray_address`` given, the engine attaches
+to that cluster instead of starting Ray here: Flower's backend passes the address to
+``ray.init`` and creates one ClientApp actor per CPU of the whole cluster (one CPU per
+client), on every node. Every node needs the same Python environment (fedprune, torch,
+Flower) and the data set (``$FEDPRUNE_DATA`` in the environment ``ray start`` ran in).
+The cluster is left running when the run ends.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -49,6 +59,11 @@ class FlowerSimulationEngine:
         client factory); shipped to the actors, so it must pickle.
     options
         Timeouts.
+    num_cpus
+        CPUs of the Ray instance started here (ignored when attaching to a cluster).
+    ray_address
+        Attach to this running Ray cluster (``host:port``) instead of starting Ray;
+        ``None``: ``$RAY_ADDRESS`` when set, otherwise start Ray here.
     """
 
     cfg: RunConfig
@@ -57,6 +72,23 @@ class FlowerSimulationEngine:
     build_client: ClientBuilder
     options: FlowerOptions = field(default_factory=FlowerOptions)
     num_cpus: int = 2
+    ray_address: str | None = None
+
+    def backend_config(self) -> dict[str, Any]:
+        """Flower's backend config: one CPU per client; Ray started here with
+        ``num_cpus`` CPUs, or attached to the cluster at :meth:`cluster_address`."""
+        address = self.cluster_address()
+        init_args: dict[str, Any] = {"include_dashboard": False}
+        if address:
+            init_args["address"] = address  # a cluster has its own CPU count
+        else:
+            init_args["num_cpus"] = self.num_cpus
+        return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+    def cluster_address(self) -> str | None:
+        """The Ray cluster to attach to (``ray_address`` or ``$RAY_ADDRESS``), if any."""
+        address = self.ray_address or os.environ.get("RAY_ADDRESS", "").strip()
+        return address or None
 
     def run(
         self,
@@ -99,10 +131,7 @@ class FlowerSimulationEngine:
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=len(self.fed.clients),
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": self.num_cpus, "include_dashboard": False},
-                },
+                backend_config=self.backend_config(),
             )
         finally:
             flwr_logger.setLevel(level)
@@ -118,6 +147,8 @@ class FlowerSimulationEngine:
 
 
 def _shutdown_ray() -> None:
+    """Disconnect from Ray (and stop it when it was started here; a cluster keeps
+    running)."""
     try:
         import ray
     except ImportError:  # pragma: no cover - flwr[simulation] brings ray

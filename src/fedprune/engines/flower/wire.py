@@ -39,26 +39,24 @@ Flower's object store deduplicate and chunk tensors individually, and costs noth
 the bytes are the same.
 
 This module also holds the node-discovery keys (``query`` messages) and the engine's
-error, which the ClientApp and the strategy share.
+error, which the ClientApp and the strategy share. It imports the codec (and with it
+torch) on first use, not at import: a ClientApp process that only answers a ``query``
+never loads torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedprune.core.codec import (
-    Payload,
-    References,
-    Schema,
-    decode_payload,
-    encode_payload,
-    join_payload,
-    split_payload,
-)
 from fedprune.errors import DecodeError, FedpruneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedprune.core.codec import Payload, References, Schema
 
 __all__ = [
     "ARRAYS_KEY",
@@ -129,6 +127,8 @@ def encode_for_flower(
     inside them travel values-only) and ``compress`` are
     :func:`~fedprune.core.codec.encode_payload`'s.
     """
+    from fedprune.core.codec import encode_payload, split_payload
+
     buf = encode_payload(
         payload, fp16=fp16, wire_dtype=wire_dtype, references=references, compress=compress
     )
@@ -199,6 +199,8 @@ def decode_content(
         buffer, names that disagree with the header, dtype or shape metadata that
         disagree with the buffer, or any malformed codec buffer.
     """
+    from fedprune.core.codec import decode_payload, join_payload
+
     config = content.get(CONFIG_KEY)
     arrays = content.get(ARRAYS_KEY)
     if not isinstance(config, ConfigRecord) or not isinstance(arrays, ArrayRecord):
