@@ -97,6 +97,20 @@ class ModelSpec:
 
 
 @dataclass
+class FitJob:
+    """One client's local training as :meth:`ClientMethod.begin_fit` prepared it."""
+
+    payload: Payload
+    data: ClientData
+    model: nn.Module
+    """The client half's model, holding the received weights."""
+    masks: Masks | None
+    settings: TrainSettings
+    generator: torch.Generator
+    """The client's batch-order generator (not yet drawn from)."""
+
+
+@dataclass
 class ClientReply:
     """A decoded reply from one client."""
 
@@ -145,6 +159,12 @@ def client_generator(payload: Payload, cid: int) -> torch.Generator:
     """The seeded generator of client ``cid`` for this round's batches:
     ``derive_seed(config["seed"], cid)``, with the round seed from the server."""
     return torch.Generator().manual_seed(derive_seed(config_int(payload.config, "seed", 0), cid))
+
+
+def task_seed(payload: Payload, cid: int) -> int:
+    """The seed of torch's global RNG while client ``cid`` handles ``payload``
+    (:meth:`ClientMethod.run_task`; dropout draws from it)."""
+    return derive_seed(config_int(payload.config, "seed", 0), cid, _GLOBAL_RNG_STREAM)
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -422,7 +442,7 @@ class ClientMethod:
         themselves (dropout). Seeding it per task makes that independent of which process
         runs the client, of the tasks it ran before, and of a resume.
         """
-        seed = derive_seed(config_int(payload.config, "seed", 0), data.cid, _GLOBAL_RNG_STREAM)
+        seed = task_seed(payload, data.cid)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.handle(task, payload, data)
@@ -433,18 +453,51 @@ class ClientMethod:
             return self.fit(payload, data)
         raise ValueError(f"{type(self).__name__} cannot handle task {task!r}")
 
-    def fit(self, payload: Payload, data: ClientData) -> Payload:
-        """Masked local training; reply with the trained weights and metrics."""
+    cohort_fit: ClassVar[bool | None] = None
+    """Whether an engine may train this half's ``fit`` tasks batched with other clients'
+    (the in-process engine's cohort path): it then calls :meth:`begin_fit`, trains every
+    client's :class:`FitJob` at once, loads each client's trained weights into
+    ``job.model`` and calls :meth:`end_fit`. ``None`` (the default) means: exactly when
+    the class does not override :meth:`fit` (a :meth:`handle` override must route
+    ``"fit"`` to :meth:`fit`)."""
+
+    @classmethod
+    def batchable(cls) -> bool:
+        """Whether ``fit`` tasks of this half may take the cohort path (:attr:`cohort_fit`)."""
+        if cls.cohort_fit is not None:
+            return cls.cohort_fit
+        return cls.fit is ClientMethod.fit
+
+    def begin_fit(self, payload: Payload, data: ClientData) -> FitJob:
+        """The part of :meth:`fit` before local training: model, mask, settings, batch order."""
         model = self.model_for(payload)
         masks = self.masks_for(model, payload)
         gen = client_generator(payload, data.cid)
-        stats = train_local(
-            model, data.x_train, data.y_train, self.settings(payload), masks=masks, generator=gen
-        )
-        arrays = state_of(model)
-        extra = self.after_train(model, arrays, masks, payload, stats)
+        return FitJob(payload, data, model, masks, self.settings(payload), gen)
+
+    def end_fit(self, job: FitJob, stats: TrainStats) -> Payload:
+        """The part of :meth:`fit` after local training (``job.model`` holds the trained
+        weights): :meth:`after_train`, then the reply."""
+        arrays = state_of(job.model)
+        extra = self.after_train(job.model, arrays, job.masks, job.payload, stats)
         metrics = {"num_examples": float(stats.num_examples), "train_loss": stats.loss, **extra}
         return Payload(arrays=arrays, metrics=metrics)
+
+    def fit(self, payload: Payload, data: ClientData) -> Payload:
+        """Masked local training; reply with the trained weights and metrics.
+
+        :meth:`begin_fit`, ``train_local`` on the job, :meth:`end_fit`.
+        """
+        job = self.begin_fit(payload, data)
+        stats = train_local(
+            job.model,
+            data.x_train,
+            data.y_train,
+            job.settings,
+            masks=job.masks,
+            generator=job.generator,
+        )
+        return self.end_fit(job, stats)
 
     def after_train(
         self,
