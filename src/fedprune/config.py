@@ -227,6 +227,22 @@ class EngineConfig:
         True, "write `RUN_DIR/checkpoint.safetensors` after every round (for `--resume`)"
     )
     threads: int = _key(1, "torch threads of the main process (0 = torch's default)", ge=0, le=256)
+    cohort: str = _key(
+        "off",
+        "in-process engine: train a round's clients as one batched computation (`on`, or "
+        "`auto`: where the model and method allow; else the per-client path); equal to the "
+        "per-client path up to float rounding",
+        choices=("auto", "on", "off"),
+    )
+    cohort_size: int = _key(
+        0, "cohort path: at most this many clients per batched chunk (0 = all)", ge=0, le=100000
+    )
+    device: str = _key(
+        "cpu",
+        "cohort path: where the clients train (`auto`: cuda, else mps, else cpu); the "
+        "per-client path trains on the cpu",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
 
 
 def _default_sections() -> dict[str, Any]:

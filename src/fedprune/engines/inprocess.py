@@ -17,6 +17,10 @@ array makes the reply undecodable, which drops that client like a failure.
 
 Client training is seeded per (round, client), so the result does not depend on the
 number of workers.
+
+With ``engine.cohort`` on (or ``auto``), the ``fit`` tasks of a round are trained as one
+batched computation (:mod:`fedprune.engines.cohort`), on ``engine.device``; with
+``engine.workers > 1`` each worker trains a contiguous sub-cohort.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from fedprune.core.codec import (
 )
 from fedprune.core.validation import reply_schema
 from fedprune.data.federation import Federation
+from fedprune.engines.cohort import cohort_refusal, resolve_device, run_cohort
+from fedprune.engines.cohort import split as split_cohort
 from fedprune.engines.common import (
     FAIL_TASK,
     CheckpointFn,
@@ -122,6 +128,20 @@ def _worker_task(args: tuple[int, str, bytes]) -> tuple[int, bytes | None, str |
     return cid, out, reason
 
 
+def _reply_bytes(client: ClientMethod, payload: Payload, reply: Payload) -> bytes:
+    """A reply's bytes on the cohort path: what ``_run_client`` sends (keep them equal)."""
+    return encode_reply(reply, payload, client.cfg.engine)
+
+
+def _worker_cohort(
+    args: tuple[list[tuple[int, str, bytes]], int, str],
+) -> list[tuple[int, bytes | None, str | None]]:
+    """A worker trains its sub-cohort (the cohort path with ``engine.workers > 1``)."""
+    items, chunk, device = args
+    assert _W_FED is not None and _W_CLIENT is not None
+    return run_cohort(_W_CLIENT, _W_FED, items, _guarded, _reply_bytes, chunk=chunk, device=device)
+
+
 class InProcessEngine:
     """Runs a method's halves over a :class:`Federation` in this process (or a fork pool).
 
@@ -155,6 +175,7 @@ class InProcessEngine:
         self._pool: Any = None
         self.failures: dict[int, str] = {}
         self.references = ReferenceBook()
+        self._fallbacks: set[str] = set()
 
     # -- transport ------------------------------------------------------------------
     def exchange(
@@ -228,24 +249,15 @@ class InProcessEngine:
     def _run(
         self, task: str, encoded: dict[int, bytes], fail: frozenset[int] = frozenset()
     ) -> dict[int, bytes]:
-        if self.cfg.engine.workers > 1 and len(encoded) > 1:
-            if self._pool is None:
-                ctx = mp.get_context("fork")
-                self._pool = ctx.Pool(
-                    self.cfg.engine.workers,
-                    initializer=_init_worker,
-                    initargs=(self.fed, self.client_factory),
-                )
-            jobs = [(c, FAIL_TASK if c in fail else task, b) for c, b in encoded.items()]
-            results = self._pool.map(_worker_task, jobs)
+        jobs = [(c, FAIL_TASK if c in fail else task, b) for c, b in encoded.items()]
+        device = self._cohort_device(task, encoded, fail)
+        if device is not None:
+            results = self._run_cohort(jobs, device)
+        elif self.cfg.engine.workers > 1 and len(encoded) > 1:
+            results = self._worker_pool().map(_worker_task, jobs)
         else:
-            if self._client is None:
-                self._client = self.client_factory()
-            client = self._client
-            results = [
-                (c, *_guarded(client, self.fed, c, FAIL_TASK if c in fail else task, b))
-                for c, b in encoded.items()
-            ]
+            client = self._main_client()
+            results = [(c, *_guarded(client, self.fed, c, t, b)) for c, t, b in jobs]
         out: dict[int, bytes] = {}
         for cid, buf, reason in results:
             if buf is None:
@@ -254,6 +266,63 @@ class InProcessEngine:
             else:
                 out[cid] = buf
         return out
+
+    def _main_client(self) -> ClientMethod:
+        if self._client is None:
+            self._client = self.client_factory()
+        return self._client
+
+    def _worker_pool(self) -> Any:
+        if self._pool is None:
+            ctx = mp.get_context("fork")
+            self._pool = ctx.Pool(
+                self.cfg.engine.workers,
+                initializer=_init_worker,
+                initargs=(self.fed, self.client_factory),
+            )
+        return self._pool
+
+    def _fallback(self, why: str) -> None:
+        """Log, once per reason, why a ``fit`` round trains client by client."""
+        if why not in self._fallbacks:
+            self._fallbacks.add(why)
+            level = logging.WARNING if self.cfg.engine.cohort == "on" else logging.INFO
+            log.log(
+                level, "engine.cohort=%s: per-client training (%s)", self.cfg.engine.cohort, why
+            )
+
+    def _cohort_device(
+        self, task: str, encoded: dict[int, bytes], fail: frozenset[int]
+    ) -> str | None:
+        """The device the cohort path trains this task on, or None: the per-client path."""
+        if self.cfg.engine.cohort == "off" or task != "fit":
+            return None
+        live = [b for c, b in encoded.items() if c not in fail]
+        if not live:
+            return None
+        try:
+            device = str(resolve_device(self.cfg.engine.device))
+        except RuntimeError as exc:
+            self._fallback(str(exc))
+            return None
+        why = cohort_refusal(self._main_client(), live[0])
+        if why is not None:
+            self._fallback(why)
+            return None
+        return device
+
+    def _run_cohort(
+        self, jobs: list[tuple[int, str, bytes]], device: str
+    ) -> list[tuple[int, bytes | None, str | None]]:
+        """The cohort path: one batched computation, or one per worker (sub-cohorts)."""
+        chunk = self.cfg.engine.cohort_size
+        workers = self.cfg.engine.workers
+        if workers > 1 and len(jobs) > 1 and device == "cpu":
+            parts = [(part, chunk, device) for part in split_cohort(jobs, workers)]
+            return [r for rs in self._worker_pool().map(_worker_cohort, parts) for r in rs]
+        return run_cohort(
+            self._main_client(), self.fed, jobs, _guarded, _reply_bytes, chunk=chunk, device=device
+        )
 
     def _train_round(
         self, rnd: int
