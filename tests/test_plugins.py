@@ -139,7 +139,9 @@ def test_plugin_on_the_flower_simulation_engine(tmp_path: Path) -> None:
         FLWR_HOME=str(tmp_path / "flwr"),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
     )
-    args = ["--method", "oneshot", "--rounds", "3", "--clients", "3", "--quiet"]
+    # the Flower wire sends full-format tensors: compare with the same format in-process
+    args = ["--method", "oneshot", "--rounds", "3", "--clients", "3", "--quiet",
+            "--set", "engine.values_only=false"]  # fmt: skip
     flower = _fedprune(
         ["run", *args, "--engine", "flower", "--out", str(tmp_path), "--name", "f"], env
     )
