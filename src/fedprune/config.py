@@ -235,7 +235,11 @@ class EngineConfig:
         choices=("auto", "on", "off"),
     )
     cohort_size: int = _key(
-        0, "cohort path: at most this many clients per batched chunk (0 = all)", ge=0, le=100000
+        0,
+        "cohort path: at most this many clients per batched chunk (0 = automatic: on a cpu as "
+        "many as keep a layer's activations under 4 MiB, on a gpu all)",
+        ge=0,
+        le=100000,
     )
     device: str = _key(
         "cpu",

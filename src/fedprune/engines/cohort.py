@@ -5,9 +5,11 @@ begin_fit` (decode, model, mask, settings, batch order) and :meth:`ClientMethod.
 (client-side pruning, the reply) run one client at a time, each inside the seeded RNG
 context of :meth:`ClientMethod.run_task`. Only the training loop in between is batched,
 by :func:`fedprune.core.cohort.train_cohort`, in chunks of ``engine.cohort_size``
-clients. Each client's dropout stream continues from the state the per-client path's
-global RNG would have, and ``end_fit`` sees the state that path would leave, so a client
-half cannot tell the two paths apart (up to float rounding of the training itself).
+clients (0: on a CPU, as many as keep a layer's activations cache-sized,
+:func:`~fedprune.core.cohort.auto_chunk`; on a GPU, all). Each client's dropout stream
+continues from the state the per-client path's global RNG would have, and ``end_fit``
+sees the state that path would leave, so a client half cannot tell the two paths apart
+(up to float rounding of the training itself).
 
 Whatever the cohort path cannot serve runs on the per-client path: injected failures,
 clients without training data, a client half that overrides ``fit``
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fedprune.core.codec import Payload, decode_payload
-from fedprune.core.cohort import CohortMember, cohort_support, train_cohort
+from fedprune.core.cohort import CohortMember, auto_chunk, cohort_support, train_cohort
 from fedprune.data.federation import Federation
 from fedprune.methods.base import ClientMethod, FitJob, task_seed
 
@@ -132,7 +134,12 @@ def run_cohort(
         groups.setdefault((p.job.settings, shapes), []).append(p)
     for group in groups.values():
         model = group[0].job.model
-        size = chunk if chunk > 0 else len(group)
+        size = chunk
+        if size <= 0:  # automatic: cache-sized chunks on a CPU, everything on a GPU
+            size = len(group)
+            if torch.device(device).type == "cpu":
+                shape = tuple(group[0].member.x.shape[1:])
+                size = auto_chunk(model, shape, group[0].job.settings.batch_size)
         for start in range(0, len(group), size):
             part = group[start : start + size]
             try:
