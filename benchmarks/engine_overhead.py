@@ -15,6 +15,8 @@ Variants (data loaded and split once, before any timing; torch threads = 1 in th
   accounting.
 * ``engine w=2``: the same with ``engine.workers=2`` (2 forked processes, 1 torch thread each;
   the pool start-up is inside the timing).
+* ``cohort w=1`` / ``cohort w=2``: the same engine with ``engine.cohort=on`` (the round's
+  clients trained as one batched computation; with 2 workers, two sub-cohorts).
 * ``run_experiment``: ``fedprune.experiment.run_experiment(cfg, fed=fed)`` end to end, i.e.
   the engine plus run directory, metrics files, model file and plots (for information).
 * ``flower``: ``flwr.simulation.run_simulation`` with a plain Message-API app (ServerApp with
@@ -34,12 +36,27 @@ the load-independent measure of what the engine adds.
 
 Sanity checks (exit 1 if they fail): the engine and the plain loop give the same final
 accuracy (within 0.5 points; in practice bit-identical weights), ``workers=2`` gives the
-same weights as ``workers=1``, and Flower's accuracy is within 1 point.
+same weights as ``workers=1``, the cohort engine's weights are within 1e-4 of the plain
+loop's on FC (1e-3 on the CNN workloads), and Flower's accuracy is within 1 point.
+
+Cohort workloads (after the FC block; ``--skip-workloads`` leaves them out): GAP CNN on
+FEMNIST (20 writers of the natural partition, all every round, 5 local epochs, lr 0.05)
+and TwoCNN on CIFAR-10 (``--cifar-clients`` of 100 IID clients, 400 samples each, 1
+epoch), ``--workload-rounds`` rounds, variants plain / engine w=1 / cohort w=1 / cohort
+w=2, the same interleaved medians. For every workload the script prints the training
+GFLOP/s per core (3 x forward FLOPs of ``core.flops`` x samples, over the ``train``
+phase) next to a single-core fp32 matmul peak (1024^3) measured in the same run, and the
+ratio plain loop / cohort w=1 (targets: >= 2.0 on FC, >= 1.8 on the GAP CNN). Flower runs
+on the FC workload only (Ray start-up dominates the small workloads).
+
+Default sizes run in a few minutes on 2 cores; the full size of issue 13 is
+``--rounds 5 --workload-rounds 5 --cifar-clients 100 --repeats 5``.
 
 Usage::
 
     python benchmarks/engine_overhead.py [--repeats 5] [--rounds 5] [--skip-flower]
         [--flower-repeats 3] [--data-dir PATH] [--partition iid|dirichlet]
+        [--workload-rounds 1] [--cifar-clients 10] [--skip-workloads]
 
 Data: ``--data-dir`` or ``$FEDPRUNE_DATA`` (a folder holding ``fashion_mnist/``); if the
 data set is not there the script prints one line and exits with status 2.
@@ -119,10 +136,12 @@ def plain_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(y)
 
 
-def run_plain(fed: Federation, rounds: int) -> dict[str, Any]:
+def run_plain(
+    fed: Federation, rounds: int, model: str = MODEL, lr: float = LR, epochs: int = EPOCHS
+) -> dict[str, Any]:
     """FedAvg by hand; returns the final state, accuracy and the phase split."""
     build = functools.partial(
-        build_model, MODEL, fed.input_shape, fed.num_classes
+        build_model, model, fed.input_shape, fed.num_classes
     )  # the same init as the engine's server (seed=SEED)
     t0, c0 = time.perf_counter(), cpu_seconds()
     glob, local = build(seed=SEED), build()
@@ -135,7 +154,7 @@ def run_plain(fed: Federation, rounds: int) -> dict[str, Any]:
         for c in fed.clients:
             local.load_state_dict(gstate)
             seed = derive_seed(derive_seed(SEED, rnd), c.cid)
-            plain_train(local, c.x_train, c.y_train, LR, BATCH, EPOCHS, seed)
+            plain_train(local, c.x_train, c.y_train, lr, BATCH, epochs, seed)
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(len(c.y_train))
         tb = time.perf_counter()
@@ -160,26 +179,38 @@ def run_plain(fed: Federation, rounds: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- engine
 
 
-def make_cfg(rounds: int, workers: int, partition: str, out: str = "runs") -> RunConfig:
-    """The benchmark workload as a fedprune configuration."""
+def make_cfg(
+    rounds: int,
+    workers: int,
+    partition: str,
+    out: str = "runs",
+    *extra: str,
+    dataset: str = DATASET,
+    model: str = MODEL,
+    clients: int = NUM_CLIENTS,
+    lr: float = LR,
+    epochs: int = EPOCHS,
+) -> RunConfig:
+    """The benchmark workload as a fedprune configuration (``extra``: more overrides)."""
     return load_config(
         overrides=[
             "method=fedavg",
             f"seed={SEED}",
             f"out={out!r}",
-            f"data.dataset={DATASET!r}",
+            f"data.dataset={dataset!r}",
             f"data.partition={partition!r}",
-            f"data.num_clients={NUM_CLIENTS}",
-            f"model.name={MODEL!r}",
-            f"train.lr={LR}",
+            f"data.num_clients={clients}",
+            f"model.name={model!r}",
+            f"train.lr={lr}",
             f"train.batch_size={BATCH}",
-            f"train.local_epochs={EPOCHS}",
+            f"train.local_epochs={epochs}",
             "train.optimizer='sgd'",
             f"federation.rounds={rounds}",
             "federation.clients_per_round=0",
             "federation.eval_every=1",
             f"engine.workers={workers}",
             "engine.threads=1",
+            *extra,
         ]
     )
 
@@ -429,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flower-repeats", type=int, default=3)
     ap.add_argument("--data-dir", default=None, help="default: $FEDPRUNE_DATA")
     ap.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    ap.add_argument(
+        "--workload-rounds", type=int, default=1, help="rounds of the GAP CNN and TwoCNN runs"
+    )
+    ap.add_argument(
+        "--cifar-clients", type=int, default=10, help="TwoCNN: this many of 100 IID clients"
+    )
+    ap.add_argument("--skip-workloads", action="store_true", help="FC/Fashion-MNIST only")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -462,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             "plain": lambda r: run_plain(fed, r),
             "engine w=1": lambda r: run_engine(fed, make_cfg(r, 1, args.partition)),
             "engine w=2": lambda r: run_engine(fed, make_cfg(r, 2, args.partition)),
+            "cohort w=1": lambda r: run_engine(fed, make_cfg(r, 1, args.partition, "", *COHORT)),
+            "cohort w=2": lambda r: run_engine(fed, make_cfg(r, 2, args.partition, "", *COHORT)),
             "run_experiment": lambda r: run_full(fed, make_cfg(r, 1, args.partition, runs_dir)),
         }
         for fn in variants.values():  # warm-up (imports, allocator, matplotlib, FLOP counter)
@@ -469,7 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         walls: dict[str, list[float]] = {k: [] for k in variants}
         cpus: dict[str, list[float]] = {k: [] for k in variants}
         last: dict[str, dict[str, Any]] = {}
-        phases: dict[str, list[dict[str, float]]] = {"plain": [], "engine w=1": []}
+        phases: dict[str, list[dict[str, float]]] = {
+            "plain": [],
+            "engine w=1": [],
+            "cohort w=1": [],
+            "cohort w=2": [],
+        }
         names = list(variants)
         for i in range(args.repeats):
             order = names[i % len(names) :] + names[: i % len(names)]
@@ -580,13 +625,182 @@ def main(argv: list[str] | None = None) -> int:
     )
     if flower_res is not None:
         fm = median(flower_walls)
-        for k in ("engine w=1", "engine w=2"):
+        for k in ("engine w=1", "engine w=2", "cohort w=1", "cohort w=2"):
             r = fm / med[k]
-            print(f"  flower / {k}          = {r:.2f}x  (target >= 3: {verdict(r >= 3)})")
+            print(f"  flower / {k}          = {r:.2f}x  (target >= 4: {verdict(r >= 4)})")
+    c_diff = max_diff(last["cohort w=1"]["state"], last["plain"]["state"])
+    c2_diff = max_diff(last["cohort w=2"]["state"], last["cohort w=1"]["state"])
+    print(f"  cohort w=1 vs plain: max |param diff| = {c_diff:.3g}; w=2 vs w=1: {c2_diff:.3g}")
+    checks_ok = checks_ok and c_diff <= 1e-4 and c2_diff <= 1e-4
+    peak = matmul_peak()
+    fc_flops = train_flops(fed, MODEL, EPOCHS) * args.rounds
+    fc_rows = [
+        gflops_row(k, median([d["train"] for d in phases[k]]), fc_flops, peak, cores)
+        for k, cores in (("plain", 1), ("engine w=1", 1), ("cohort w=1", 1), ("cohort w=2", 2))
+    ]
+    cr = med["plain"] / med["cohort w=1"]
+    ctr = median([d["train"] for d in phases["plain"]]) / median(
+        [d["train"] for d in phases["cohort w=1"]]
+    )
+    print(
+        f"  plain loop / cohort w=1     = {cr:.2f}x  (train phase {ctr:.2f}x; target >= 2.0:"
+        f" {verdict(cr >= 2.0)})"
+    )
+    print(f"\nsingle-core fp32 matmul peak (1024^3, median of 5): {peak:.1f} GFLOP/s")
+    print("achieved, FC (train phase; GFLOP = 3 x forward FLOPs x samples):")
+    print(table(GFLOP_HEADERS, fc_rows))
+    if not args.skip_workloads:
+        checks_ok = workloads(args, peak) and checks_ok
     if not checks_ok:
         print("\nSANITY CHECK FAILED: the variants did not compute the same model", file=sys.stderr)
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------- cohort workloads
+
+COHORT = ("engine.cohort=on",)
+GFLOP_HEADERS = ["variant", "train s", "GFLOP", "GFLOP/s per core", "% of matmul peak"]
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    # GAP CNN on FEMNIST: 20 writers (natural partition), all of them every round
+    "gap-cnn/femnist": {
+        "dataset": "femnist",
+        "model": "gap-cnn",
+        "partition": "natural",
+        "clients": 20,
+        "use": 20,
+        "epochs": 5,
+        "lr": 0.05,
+    },
+    # TwoCNN on CIFAR-10: 10 of 100 IID clients (400 samples each; --cifar-clients)
+    "twocnn/cifar10": {
+        "dataset": "cifar10",
+        "model": "twocnn",
+        "partition": "iid",
+        "clients": 100,
+        "use": 10,
+        "epochs": 1,
+        "lr": 0.02,
+    },
+}
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """Single-thread fp32 matmul throughput in GFLOP/s (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / median(times) / 1e9
+
+
+def train_flops(fed: Federation, model: str, epochs: int) -> float:
+    """FLOPs of one round of local training over every client: 3 x forward x samples."""
+    from fedprune.core.flops import count_flops
+
+    m = build_model(model, fed.input_shape, fed.num_classes)
+    per_sample = count_flops(m, fed.input_shape).total
+    return 3.0 * per_sample * epochs * sum(len(c.y_train) for c in fed.clients)
+
+
+def gflops_row(name: str, seconds: float, flops: float, peak: float, cores: int) -> list[Any]:
+    """One row of the GFLOP/s table."""
+    rate = flops / seconds / 1e9 / cores
+    return [name, seconds, flops / 1e9, rate, 100 * rate / peak]
+
+
+def _subset(fed: Federation, n: int) -> Federation:
+    """The first ``n`` clients of ``fed`` (and at most 2,000 test samples: evaluation is
+    not what is measured here)."""
+    import dataclasses
+
+    local = fed.local_test_indices[:n] if fed.local_test_indices is not None else None
+    return dataclasses.replace(
+        fed,
+        clients=fed.clients[:n],
+        train_indices=fed.train_indices[:n],
+        local_test_indices=local,
+        x_test=fed.x_test[:2000],
+        y_test=fed.y_test[:2000],
+    )
+
+
+def workloads(args: argparse.Namespace, peak: float) -> bool:
+    """GAP CNN/FEMNIST and TwoCNN/CIFAR-10: plain loop, engine, cohort w=1 and w=2."""
+    ok = True
+    for title, wl in WORKLOADS.items():
+        use = args.cifar_clients if wl["dataset"] == "cifar10" else wl["use"]
+        try:
+            bundle = load_dataset(wl["dataset"], args.data_dir, allow_hub=False)
+        except DataError as exc:
+            print(f"\n{title}: skipped ({exc})")
+            continue
+        fed = _subset(build_federation(bundle, wl["partition"], wl["clients"], seed=SEED), use)
+        sizes = [len(c.y_train) for c in fed.clients]
+        rounds = args.workload_rounds
+
+        def cfg(
+            workers: int, *extra: str, wl: dict[str, Any] = wl, n: int = use, rounds: int = rounds
+        ) -> RunConfig:
+            return make_cfg(
+                rounds, workers, wl["partition"], "", *extra, dataset=wl["dataset"],
+                model=wl["model"], clients=n, lr=wl["lr"], epochs=wl["epochs"],
+            )  # fmt: skip
+
+        variants = {
+            "plain": lambda r, wl=wl, fed=fed: run_plain(
+                fed, r, model=wl["model"], lr=wl["lr"], epochs=wl["epochs"]
+            ),
+            "engine w=1": lambda r, fed=fed: run_engine(fed, cfg(1)),
+            "cohort w=1": lambda r, fed=fed: run_engine(fed, cfg(1, *COHORT)),
+            "cohort w=2": lambda r, fed=fed: run_engine(fed, cfg(2, *COHORT)),
+        }
+        print(
+            f"\n{title}: {len(sizes)} clients (sizes {min(sizes)}-{max(sizes)}), all per round,"
+            f" {rounds} round(s), {wl['epochs']} local epoch(s), batch {BATCH}, SGD lr {wl['lr']}",
+            flush=True,
+        )
+        for fn in variants.values():
+            fn(1)
+        walls: dict[str, list[float]] = {k: [] for k in variants}
+        trains: dict[str, list[float]] = {k: [] for k in variants}
+        last: dict[str, dict[str, Any]] = {}
+        names = list(variants)
+        for i in range(args.repeats):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                res = variants[name](rounds)
+                walls[name].append(res["wall"])
+                trains[name].append(res["phases"]["train"])
+                last[name] = res
+            print(
+                f"  repeat {i + 1}: " + ", ".join(f"{n} {walls[n][-1]:.2f}s" for n in names),
+                flush=True,
+            )
+        flops = train_flops(fed, wl["model"], wl["epochs"]) * rounds
+        cores = {"plain": 1, "engine w=1": 1, "cohort w=1": 1, "cohort w=2": 2}
+        rows = [
+            [*gflops_row(k, median(trains[k]), flops, peak, cores[k]), median(walls[k])]
+            for k in names
+        ]
+        print(table([*GFLOP_HEADERS, "wall med s"], rows))
+        diff = max_diff(last["cohort w=1"]["state"], last["plain"]["state"])
+        med = {k: median(v) for k, v in walls.items()}
+        ratio = med["plain"] / med["cohort w=1"]
+        tratio = median(trains["plain"]) / median(trains["cohort w=1"])
+        target = 1.8 if wl["model"] == "gap-cnn" else None
+        aim = f"; target >= {target}: {verdict(ratio >= target)}" if target else ""
+        print(
+            f"  plain loop / cohort w=1 = {ratio:.2f}x (train phase {tratio:.2f}x{aim});"
+            f" engine w=1 / cohort w=1 = {med['engine w=1'] / med['cohort w=1']:.2f}x;"
+            f" cohort w=1 / w=2 = {med['cohort w=1'] / med['cohort w=2']:.2f}x;"
+            f" max |param diff| cohort vs plain = {diff:.3g}"
+        )  # fmt: skip
+        ok = ok and diff <= 1e-3
+    return ok
 
 
 def _flower_block(
