@@ -101,8 +101,6 @@ class WarmExecutor:
         The SuperNode's ``--superexec-auth-secret-file`` content, if it has one.
     poll_interval
         Seconds between two requests for a task when there is none.
-    max_tasks
-        Stop after this many tasks (tests); None: run until stopped.
 
     Attributes
     ----------
@@ -115,7 +113,6 @@ class WarmExecutor:
     root_certificates: bytes | None = None
     auth_secret: bytes | None = None
     poll_interval: float = 0.1
-    max_tasks: int | None = None
     completed: int = 0
     failed: int = 0
     _apps: OrderedDict[str, ClientApp] = field(default_factory=OrderedDict, repr=False)
@@ -123,7 +120,7 @@ class WarmExecutor:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> None:
-        """Acquire and run tasks until :meth:`stop`, SIGTERM/SIGINT or ``max_tasks``."""
+        """Acquire and run tasks until :meth:`stop` (or SIGTERM/SIGINT in :func:`main`)."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
@@ -145,11 +142,6 @@ class WarmExecutor:
                 backoff = self.poll_interval
                 if res.HasField("task") and res.token:
                     self.run_task(res.token, res.task.task_id)
-                    if (
-                        self.max_tasks is not None
-                        and self.completed + self.failed >= self.max_tasks
-                    ):
-                        break
                 else:
                     self._stop.wait(self.poll_interval)
         finally:
