@@ -621,3 +621,21 @@ def test_deployment_autostructured(deployment: LocalDeployment, tmp_path: Path) 
     assert {k: list(v.shape) for k, v in weights.items()} == arch["shapes"]
     for k, v in ref.model.state_dict().items():
         assert torch.allclose(weights[k], v, atol=1e-6), k
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_values_only_replies_and_schema_on_flower(tmp_path: Path) -> None:
+    """With engine.values_only (the default) Flower clients reply values-only against
+    what they received, as in-process clients do, and the strategy decodes each reply
+    against the global model's schema: same results, the same upload bytes."""
+    over = ("engine.values_only=true", "method=fedsparsify-global", "pruning.final_sparsity=0.8")
+    ref = run_experiment(_cfg(tmp_path, *over, "name=ref"))
+    cfg = _cfg(tmp_path, "engine.name=flower", *over)
+    run = prepare_run(cfg)
+    strategy = FedpruneStrategy(cfg, run.fed, run.server)
+    records = strategy.run(MemoryGrid(make_client_app(cfg), 4))
+    for a, b in zip(ref.records, records, strict=True):
+        assert a["bytes_up"] == b["bytes_up"]  # replies: values-only on both engines
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["sparsity"] == pytest.approx(b["sparsity"], abs=1e-6)
+    assert records[-1]["cum_bytes_up"] < records[-1]["cum_dense_bytes_up"]

@@ -203,8 +203,13 @@ def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> Clien
         if task == FAIL_TASK:
             raise InjectedFailure(f"injected failure (engine.fail_rate={cfg.engine.fail_rate})")
         reply = node.client.run_task(task, payload, node.data)
-        # replies are encoded as in the in-process engine (fp16 applies to downloads)
-        content = make_content(encode_for_flower(reply), task)
+        # replies are encoded as in the in-process engine (engines.references.encode_reply:
+        # values-only against what this client received; fp16 applies to downloads)
+        from fedprune.core.codec import supports_of
+
+        refs = supports_of(payload.arrays) if cfg.engine.values_only else None
+        encoded = encode_for_flower(reply, references=refs, compress=cfg.engine.compress)
+        content = make_content(encoded, task)
         _remember(context, pid, task, msg.metadata.group_id)
         return Message(content, reply_to=msg)
 

@@ -28,7 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedprune.config import RunConfig
-from fedprune.core.codec import Payload
+from fedprune.core.codec import Payload, Support, supports_of
+from fedprune.core.validation import reply_schema
 from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
@@ -130,6 +131,9 @@ class FedpruneStrategy(Strategy):
         self._t_train = 0.0
         self._cids: list[int] = []
         self._drops: dict[int, str] = {}
+        self._sent: dict[int, dict[str, Support]] = {}
+        """Supports of the last payload each client was sent (what its reply may be
+        values-only against)."""
 
     # -- Flower Strategy --------------------------------------------------------------
     def summary(self) -> None:
@@ -355,14 +359,20 @@ class FedpruneStrategy(Strategy):
         fail: frozenset[int] = frozenset(),
     ) -> list[Message]:
         """One message per client (clients in ``fail`` get :data:`FAIL_TASK`)."""
-        fp16 = self.cfg.engine.fp16
+        eng = self.cfg.engine
         cache: dict[int, EncodedPayload] = {}
+        supports: dict[int, dict[str, Support]] = {}
         messages: list[Message] = []
         sizes: list[int] = []
         for cid, p in payloads.items():
             enc = cache.get(id(p))
             if enc is None:  # the same broadcast payload is encoded once
-                enc = cache[id(p)] = encode_for_flower(p, fp16=fp16)
+                enc = cache[id(p)] = encode_for_flower(
+                    p, fp16=eng.fp16, wire_dtype=eng.wire_dtype, compress=eng.compress
+                )
+                # what the client will hold: its reply may be values-only against it
+                supports[id(p)] = supports_of(p.arrays, fp16=eng.fp16, wire_dtype=eng.wire_dtype)
+            self._sent[cid] = supports[id(p)]
             if cid not in self.node_of:
                 raise FlowerEngineError(f"client {cid} has no SuperNode")
             messages.append(
@@ -384,6 +394,7 @@ class FedpruneStrategy(Strategy):
         self._drops = {}
         out: list[ClientReply] = []
         sizes: list[int] = []
+        expect = reply_schema(self.server.model.state_dict(), task)
         for msg in replies:
             cid = self._cid_of.get(msg.metadata.src_node_id)
             if cid is None or cid not in expected:
@@ -392,8 +403,9 @@ class FedpruneStrategy(Strategy):
             if msg.has_error():
                 self._drop(cid, f"the client failed: {msg.error.reason}")
                 continue
-            try:
-                got, payload, nbytes = decode_content(msg.content)
+            refs = self._sent.get(cid) if self.cfg.engine.values_only else None
+            try:  # against the global model's schema: nothing forged is allocated
+                got, payload, nbytes = decode_content(msg.content, expect=expect, references=refs)
             except DecodeError as e:
                 sizes.append(content_nbytes(msg.content))  # it crossed all the same
                 self._drop(cid, f"undecodable reply: {e}")
