@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--scale", type=float, default=1.0, help="share of the paper's rounds")
     p.add_argument("--resume", action="store_true", help="reuse and continue run directories")
-    p.add_argument("--variants", default="", help="comma-separated substrings: only these")
+    p.add_argument("--variants", default="", help="comma-separated variant labels: only these")
     p.add_argument(
         "--set", dest="extra", action="append", default=[], help="key=value for every run"
     )
@@ -326,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--scale must be in (0, 1]")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
-    variants = [v for v in claim.variants if not wanted or any(w in v.label for w in wanted)]
+    unknown = sorted(set(wanted) - {v.label for v in claim.variants})
+    if unknown:
+        p.error(f"unknown variants {unknown}; the claim has {[v.label for v in claim.variants]}")
+    variants = [v for v in claim.variants if not wanted or v.label in wanted]
     out = args.out / claim.name
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
