@@ -32,7 +32,14 @@ import tomli_w
 
 from fedprune import registry
 from fedprune.errors import ConfigError, elide
-from fedprune.params import MAX_INT64, check_value, key_rows, spec_of, validate_section
+from fedprune.params import (
+    MAX_INT64,
+    KeyRow,
+    check_value,
+    key_rows,
+    spec_of,
+    validate_section,
+)
 from fedprune.params import key as _key
 from fedprune.sections import AutoFlipConfig, StructuredConfig
 
@@ -381,20 +388,22 @@ def _check(ok: bool, key: str, why: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _all_keys() -> list[str]:
-    keys = [r.key for r in key_rows(RunConfig) if r.key != "sections"]
+def _declared_rows() -> list[KeyRow]:
+    """Every leaf key: the core sections', then each registered method section's."""
+    rows = [r for r in key_rows(RunConfig) if r.key != "sections"]
     for name, cls in registry.sections().items():
-        keys.extend(r.key for r in key_rows(cls, f"{name}."))
-    return keys
+        rows.extend(key_rows(cls, f"{name}."))
+    return rows
+
+
+def _all_keys() -> list[str]:
+    return [r.key for r in _declared_rows()]
 
 
 def key_table() -> list[tuple[str, str, Any, str, str]]:
     """(key, type, default, accepted values, meaning) for every key: the README's table."""
     rows: list[tuple[str, str, Any, str, str]] = []
-    all_rows = [r for r in key_rows(RunConfig) if r.key != "sections"]
-    for name, cls in registry.sections().items():
-        all_rows.extend(key_rows(cls, f"{name}."))
-    for r in all_rows:
+    for r in _declared_rows():
         spec = r.spec
         if spec is None:  # pragma: no cover - test_config keeps every key declared
             rows.append((r.key, r.type, r.default, "", ""))
