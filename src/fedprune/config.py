@@ -469,9 +469,10 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
     top = isinstance(obj, RunConfig)
+    method_sections = registry.sections() if top else {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if top and key not in names and key in registry.sections():
+        if top and key not in names and key in method_sections:
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} must be a table of keys, got {_show(value)}")
             _apply(obj.section(key), value, f"{full}.")
