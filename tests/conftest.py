@@ -24,3 +24,23 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("real data not available (set FEDPRUNE_DATA)")
     return path
+
+
+def mentions(message: str, text: str, keep: int = 8) -> bool:
+    """Whether ``message`` quotes ``text``, whole or elided in the middle with '...'.
+
+    One-line errors elide long paths in the middle (``fedprune.errors.elide``), so how
+    much of a temporary path survives depends on how long the machine's temp folder is.
+    An elided quote counts when at least ``keep`` characters of each end survive.
+    """
+    if text in message:
+        return True
+    start = message.find("...")
+    while start >= 0:
+        before, after = message[:start], message[start + 3 :]
+        head = max((a for a in range(len(text) + 1) if before.endswith(text[:a])), default=0)
+        tail = max(b for b in range(len(text) + 1) if after.startswith(text[len(text) - b :]))
+        if head >= keep and tail >= keep and head + tail < len(text):
+            return True
+        start = message.find("...", start + 1)
+    return False

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import mentions
 from fedprune.cli import main
 
 
@@ -53,7 +54,7 @@ def test_missing_data_message_says_where_it_looked(
     code = main(["run", "--dataset", "fashion-mnist", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
-    assert str(tmp_path / "nodata") in err
+    assert mentions(err, str(tmp_path / "nodata" / "fashion_mnist")), err
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
