@@ -27,7 +27,10 @@ Fault injection
 ``point`` of round ``round``, so tests can crash a run at the worst moments:
 ``after-metrics`` (the round is in ``metrics.jsonl`` but not checkpointed),
 ``checkpoint-partial`` (half of the temporary file written) and ``checkpoint-rename``
-(temporary file complete, not yet renamed).
+(temporary file complete, not yet renamed). A setup checkpoint (written during a long
+setup phase such as AutoFLIP's exploration) has round 0; ``setup-checkpoint@N`` kills
+the process right after the N-th setup checkpoint it wrote
+(:meth:`fedprune.experiment.PreparedRun.checkpointer`).
 """
 
 from __future__ import annotations
@@ -147,7 +150,8 @@ class Checkpoint:
     Attributes
     ----------
     round
-        The last finished round.
+        The last finished round (0: a setup checkpoint, written before round 1 while a
+        long setup phase is under way; ``engine["in_setup"]`` is then true).
     server
         The method's server-half state (:meth:`ServerMethod.checkpoint_state`).
     engine

@@ -6,9 +6,12 @@ and no traceback, 1 anything else.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -84,6 +87,38 @@ def _fmt_round(rec: Mapping[str, Any], rounds: int) -> str:
     )
 
 
+@contextmanager
+def _client_progress(target: Console, *, enabled: bool) -> Iterator[None]:
+    """Print the client halves' progress records (``fedprune.progress`` logger, INFO) of
+    this process while the block runs: with the in-process engine, clients that run in
+    the main process (e.g. an AutoFLIP explorer's epochs). Forked workers' records are
+    dropped (they would print over the progress bar)."""
+    if not enabled:
+        yield
+        return
+    from fedprune.methods.base import PROGRESS_LOGGER
+
+    pid = os.getpid()
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.process == pid:
+                target.print(record.getMessage(), soft_wrap=True)
+
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    handler = _Handler(logging.INFO)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed here, not again by a root handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 @app.command()
 def run(
     config: ConfigArg = None,
@@ -121,6 +156,7 @@ def run(
 ) -> None:
     """Run one federated experiment and write its run directory."""
     flags = {k: v for k, v in locals().items() if k in _FLAG_KEYS and v is not None}
+    from fedprune.checkpoint import CHECKPOINT
     from fedprune.experiment import resume_config, resume_experiment, run_experiment
 
     if resume is not None:
@@ -170,22 +206,34 @@ def run(
     def on_resume(done: int) -> None:
         progress.advance(task, done)
         if not quiet:
-            console.print(
-                f"resuming after round {done} of {rounds_total}"
-                if done
-                else "no checkpoint yet: starting over from round 1",
-                soft_wrap=True,
-            )
+            if done:
+                text = f"resuming after round {done} of {rounds_total}"
+            elif resume is not None and (resume / CHECKPOINT).is_file():
+                text = "resuming the setup phase before round 1 from its checkpoint"
+            else:
+                text = "no checkpoint yet: starting over from round 1"
+            console.print(text, soft_wrap=True)
+
+    def on_progress(text: str) -> None:
+        if not quiet:
+            progress.console.print(text, soft_wrap=True)
 
     t0 = time.perf_counter()
     try:
-        with progress:
+        with progress, _client_progress(progress.console, enabled=not quiet):
             if resume is not None:
                 result = resume_experiment(
-                    resume, cfg=cfg, on_round=on_round, on_start=on_start, on_resume=on_resume
+                    resume,
+                    cfg=cfg,
+                    on_round=on_round,
+                    on_start=on_start,
+                    on_resume=on_resume,
+                    on_progress=on_progress,
                 )
             else:
-                result = run_experiment(cfg, on_round=on_round, on_start=on_start)
+                result = run_experiment(
+                    cfg, on_round=on_round, on_start=on_start, on_progress=on_progress
+                )
     except KeyboardInterrupt:
         if started and cfg.engine.checkpoint:
             # plain print: rich would wrap a long path

@@ -24,7 +24,15 @@ from fedprune.config import RunConfig, load_config
 from fedprune.core.accounting import ModelStatsCounter
 from fedprune.data import build_federation, load_dataset, plot_label_distribution
 from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Engine, Resume, RoundCallback, RoundRecord
+from fedprune.engines.common import (
+    SETUP_KEY,
+    CheckpointFn,
+    Engine,
+    ProgressCallback,
+    Resume,
+    RoundCallback,
+    RoundRecord,
+)
 from fedprune.engines.inprocess import InProcessEngine
 from fedprune.errors import RoundFailedError, UserInputError
 from fedprune.methods.base import ClientMethod, ModelSpec, ServerMethod
@@ -157,15 +165,25 @@ class PreparedRun:
         }
 
     def checkpointer(self) -> CheckpointFn | None:
-        """The engine's per-round checkpoint callback (None with ``engine.checkpoint`` off)."""
+        """The engine's per-round checkpoint callback (None with ``engine.checkpoint`` off).
+
+        Round 0 is a setup checkpoint (:class:`~fedprune.engines.common.Resume`); the
+        fault point ``setup-checkpoint@N`` kills the process right after the N-th setup
+        checkpoint this process wrote.
+        """
         if not self.cfg.engine.checkpoint:
             return None
         prints = self.fingerprints()
+        setup_saves = [0]
 
         def _save(rnd: int, records: list[RoundRecord], engine: dict[str, Any]) -> None:
-            fault_point("after-metrics", rnd)
+            if rnd > 0:
+                fault_point("after-metrics", rnd)
             state = self.server.checkpoint_state()
             save_checkpoint(self.run_dir, Checkpoint(rnd, state, engine, records, prints))
+            if rnd == 0:
+                setup_saves[0] += 1
+                fault_point("setup-checkpoint", setup_saves[0])
 
         return _save
 
@@ -262,10 +280,16 @@ def _execute(
     run: PreparedRun,
     on_round: RoundCallback | None,
     resume: Resume | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunResult:
     engine = make_engine(run)
     try:
-        records = engine.run(run.on_round(on_round), resume=resume, checkpoint=run.checkpointer())
+        records = engine.run(
+            run.on_round(on_round),
+            resume=resume,
+            checkpoint=run.checkpointer(),
+            on_progress=on_progress,
+        )
     except RoundFailedError as exc:
         if run.cfg.engine.checkpoint:
             hint = f"; continue with: fedprune run --resume {run.run_dir}"
@@ -280,6 +304,7 @@ def run_experiment(
     fed: Federation | None = None,
     on_round: RoundCallback | None = None,
     on_start: Callable[[Path, Federation], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunResult:
     """Run one federated experiment and write its run directory.
 
@@ -294,8 +319,11 @@ def run_experiment(
         Called with each round's metrics record as soon as it exists.
     on_start
         Called once the run directory exists and the data are loaded.
+    on_progress
+        Called with the progress lines of a long setup phase (AutoFLIP's exploration:
+        one line per group of explorers done, with the time left).
     """
-    return _execute(prepare_run(cfg, fed=fed, on_start=on_start), on_round)
+    return _execute(prepare_run(cfg, fed=fed, on_start=on_start), on_round, None, on_progress)
 
 
 def resume_config(run_dir: Path) -> RunConfig:
@@ -347,6 +375,10 @@ def prepare_resume(
                 f"the checkpoint in {str(run_dir)!r} holds {len(ckpt.records)} records for "
                 f"round {ckpt.round} of {cfg.federation.rounds}"
             )
+        if ckpt.round == 0 and not ckpt.engine.get(SETUP_KEY):
+            raise CheckpointError(
+                f"the checkpoint in {str(run_dir)!r} holds round 0 but is no setup checkpoint"
+            )
         try:
             run.server.restore_state(ckpt.server)
         except (ValueError, TypeError) as exc:
@@ -354,7 +386,8 @@ def prepare_resume(
                 f"the checkpoint in {str(run_dir)!r} does not fit: {exc}"
             ) from None
         resume = Resume(ckpt.round, ckpt.records, ckpt.engine)
-        run.t0 -= float(ckpt.records[-1].get("wall_s") or 0.0) if ckpt.records else 0.0
+        done = ckpt.records[-1].get("wall_s") if ckpt.records else ckpt.engine.get("wall_s")
+        run.t0 -= float(done or 0.0)
     rundir.write_metrics(run_dir, ckpt.records if ckpt is not None else [])
     return run, resume
 
@@ -366,11 +399,14 @@ def resume_experiment(
     on_round: RoundCallback | None = None,
     on_start: Callable[[Path, Federation], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` from its checkpoint; the result is the one an
     uninterrupted run would have given (timings apart).
 
     Without a checkpoint yet (killed in round 1) the run starts over in the same folder.
+    A checkpoint written during the setup phase (round 0) continues the setup where it
+    was (AutoFLIP: with the explorers not yet done).
 
     Parameters
     ----------
@@ -381,7 +417,10 @@ def resume_experiment(
     on_round, on_start
         As for :func:`run_experiment` (``on_round`` sees only the new rounds).
     on_resume
-        Called with the round the checkpoint holds (0 without a checkpoint).
+        Called with the round the checkpoint holds (0 without a checkpoint, or with a
+        setup checkpoint).
+    on_progress
+        As for :func:`run_experiment`.
 
     Raises
     ------
@@ -391,7 +430,7 @@ def resume_experiment(
     run, resume = prepare_resume(Path(run_dir), cfg, on_start=on_start)
     if on_resume is not None:
         on_resume(resume.round if resume is not None else 0)
-    return _execute(run, on_round, resume)
+    return _execute(run, on_round, resume, on_progress)
 
 
 def _check_fingerprints(path: Path, ckpt: Checkpoint, now: dict[str, str]) -> None:

@@ -23,15 +23,17 @@ from fedprune.core.sampling import derive_seed, sample_clients
 from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
 from fedprune.errors import elide
-from fedprune.methods.base import ClientReply
+from fedprune.methods.base import ClientReply, SetupIO
 
 if TYPE_CHECKING:
     from fedprune.methods.base import FederatedIO, ServerMethod
 
 __all__ = [
     "FAIL_TASK",
+    "SETUP_KEY",
     "CheckpointFn",
     "InjectedFailure",
+    "ProgressCallback",
     "Resume",
     "RoundAccounting",
     "injected_failure",
@@ -143,6 +145,10 @@ CheckpointFn = Callable[[int, list[RoundRecord], dict[str, Any]], None]
 RoundCallback = Callable[[RoundRecord], None]
 """Called with each round's record as soon as it exists."""
 
+ProgressCallback = Callable[[str], None]
+"""Called with a progress line of a long phase (a method's setup, e.g. AutoFLIP's
+exploration): :meth:`~fedprune.methods.base.SetupIO.progress`."""
+
 
 @runtime_checkable
 class Engine(Protocol):
@@ -155,19 +161,35 @@ class Engine(Protocol):
         *,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[RoundRecord]:
         """Run (or, with ``resume``, continue) the federation; ``on_round`` gets each
-        record as soon as it exists, ``checkpoint`` is called after it."""
+        record as soon as it exists, ``checkpoint`` is called after it (and, with round
+        0, whenever the setup phase saves its progress); ``on_progress`` gets the setup
+        phase's progress lines."""
         ...
+
+
+SETUP_KEY = "in_setup"
+"""Engine-state key that marks a setup checkpoint (see :class:`Resume`)."""
 
 
 @dataclass
 class Resume:
-    """Where a resumed run continues: after ``round``, with its records and engine state."""
+    """Where a resumed run continues: after ``round``, with its records and engine state.
+
+    A checkpoint written during the setup phase has round 0, no records and
+    ``engine["in_setup"]`` true (:attr:`in_setup`): the setup continues, then round 1.
+    """
 
     round: int
     records: list[RoundRecord]
     engine: dict[str, Any]
+
+    @property
+    def in_setup(self) -> bool:
+        """Whether the checkpoint was written during the setup phase."""
+        return self.round == 0 and bool(self.engine.get(SETUP_KEY))
 
 
 def make_sampler(cfg: RunConfig) -> np.random.Generator:
@@ -223,18 +245,53 @@ class RoundAccounting:
 
     # -- the run --------------------------------------------------------------------
     def start(
-        self, server: ServerMethod, io: FederatedIO, resume: Resume | None
+        self,
+        server: ServerMethod,
+        io: FederatedIO,
+        resume: Resume | None,
+        *,
+        checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressCallback | None = None,
+        parallel: int = 0,
     ) -> list[RoundRecord]:
         """Before the first round: restore a resumed run's counters and sampler, or run
         the server half's setup phase (its traffic is charged to round 1). Returns the
-        records of the rounds already finished."""
+        records of the rounds already finished.
+
+        The setup phase gets a :class:`~fedprune.methods.base.SetupIO` around ``io``:
+        ``parallel`` clients at once (0: all), progress lines to ``on_progress``, and
+        setup checkpoints through ``checkpoint`` with round 0 and this accounting's
+        state marked ``in_setup`` (the time spent so far included). A ``resume`` from
+        such a checkpoint (:attr:`Resume.in_setup`; the server half already restored)
+        restores the counters and calls ``setup`` again to finish it.
+        """
         if resume is not None:
             self.load_state_dict(resume.engine)
             last = resume.records[-1] if resume.records else {}
-            self.wall_offset = float(last.get("wall_s") or 0.0)
-            return list(resume.records)
+            self.wall_offset = float(last.get("wall_s") or resume.engine.get("wall_s") or 0.0)
+            if not resume.in_setup:
+                return list(resume.records)
+        t_setup = time.perf_counter()
+
+        def save_setup() -> None:
+            if checkpoint is None:
+                return
+            elapsed = time.perf_counter() - t_setup
+            state = self.state_dict()
+            timer = dict(state["timer"])
+            timer["setup"] = timer.get("setup", 0.0) + elapsed  # the phase is still open
+            state.update({"timer": timer, SETUP_KEY: True, "wall_s": self.wall_offset + elapsed})
+            checkpoint(0, [], state)
+
+        setup_io = SetupIO(
+            io,
+            parallel=parallel,
+            on_progress=on_progress,
+            on_checkpoint=save_setup if checkpoint is not None else None,
+            resumed=resume is not None,
+        )
         with self.timer.phase("setup"):
-            server.setup(io)
+            server.setup(setup_io)
         self.end_setup()
         return []
 

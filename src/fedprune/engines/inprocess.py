@@ -52,6 +52,7 @@ from fedprune.engines.common import (
     FAIL_TASK,
     CheckpointFn,
     InjectedFailure,
+    ProgressCallback,
     Resume,
     RoundAccounting,
     RoundCallback,
@@ -386,6 +387,7 @@ class InProcessEngine:
         *,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[RoundRecord]:
         """Run setup and every round; return one metrics record per round.
 
@@ -395,16 +397,28 @@ class InProcessEngine:
             Called with each round's record as soon as it exists.
         resume
             Continue after ``resume.round`` (the server half already restored): setup is
-            skipped and the sampler, counters and records are those of the checkpoint.
+            skipped (or, from a setup checkpoint, finished) and the sampler, counters and
+            records are those of the checkpoint.
         checkpoint
-            Called after ``on_round`` with the round, the records and the engine state.
+            Called after ``on_round`` with the round, the records and the engine state;
+            also with round 0 when the setup phase saves its progress.
+        on_progress
+            Called with the setup phase's progress lines. Setup tasks run
+            ``engine.workers`` clients at a time (setup tasks never take the cohort path).
         """
         t_start = time.perf_counter()
         try:
-            records = self.accounting.start(self.server, self, resume)
+            checkpoint = self._with_references(checkpoint)
             if resume is not None:
                 self.references.load_state_dict(resume.engine.get("references"))
-            checkpoint = self._with_references(checkpoint)
+            records = self.accounting.start(
+                self.server,
+                self,
+                resume,
+                checkpoint=checkpoint,
+                on_progress=on_progress,
+                parallel=max(1, self.cfg.engine.workers),
+            )
             for rnd in range(len(records) + 1, self.cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)

@@ -34,7 +34,7 @@ the history on it (once per distinct history) before loading the received weight
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -138,6 +138,75 @@ class FederatedIO(Protocol):
         ...
 
 
+PROGRESS_LOGGER = "fedprune.progress"
+"""Logger on which a client half may report progress inside a long task (INFO): silent
+in library use unless a handler is attached; ``fedprune run`` prints the records of its
+own process (so the in-process engine's main-process clients, not forked workers or
+Flower nodes)."""
+
+
+class SetupIO:
+    """What an engine hands :meth:`ServerMethod.setup`: its :class:`FederatedIO` plus
+    three services for a long setup phase.
+
+    - :attr:`parallel`: how many clients the engine runs at once (0: every client sent in
+      one exchange). A setup that splits its work into exchanges of at most this many
+      clients keeps the engine's parallelism and can report and checkpoint in between.
+    - :meth:`progress`: one line for the user (``fedprune run`` prints it; library use
+      sees it only through the ``on_progress`` callback of ``run_experiment``).
+    - :meth:`checkpoint`: write a *setup checkpoint* now: the server half's
+      :meth:`~ServerMethod.checkpoint_state` and the engine's counters (bytes, time,
+      the clients' references), atomically, like a round's checkpoint. The server half's
+      ``checkpoint_attrs`` must then hold the setup's progress: ``fedprune run --resume``
+      restores them into a fresh server half and calls :meth:`~ServerMethod.setup` again
+      (:attr:`resumed` is true), which must skip the work already done. Without
+      checkpoints (``engine.checkpoint = false``, or a plain ``FederatedIO``) it does
+      nothing.
+
+    :meth:`of` wraps a plain ``FederatedIO`` (a test's fake) with the defaults: all clients
+    at once, no progress, no checkpoints.
+    """
+
+    def __init__(
+        self,
+        io: FederatedIO,
+        *,
+        parallel: int = 0,
+        on_progress: Callable[[str], None] | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
+        resumed: bool = False,
+    ) -> None:
+        self.io = io
+        self.num_clients = io.num_clients
+        self.parallel = max(0, int(parallel))
+        self.resumed = resumed
+        self._on_progress = on_progress
+        self._on_checkpoint = on_checkpoint
+
+    @classmethod
+    def of(cls, io: FederatedIO) -> SetupIO:
+        """``io`` itself when it is a SetupIO, else ``io`` wrapped with the defaults."""
+        return io if isinstance(io, SetupIO) else cls(io)
+
+    def exchange(self, task: str, payloads: Mapping[int, Payload]) -> list[ClientReply]:
+        """The engine's :meth:`FederatedIO.exchange` (bytes counted as always)."""
+        return self.io.exchange(task, payloads)
+
+    def group_size(self, todo: int) -> int:
+        """Clients per exchange for ``todo`` clients: :attr:`parallel`, or all of them."""
+        return max(1, min(todo, self.parallel) if self.parallel else todo)
+
+    def progress(self, text: str) -> None:
+        """Hand one progress line to the run's ``on_progress`` callback (if any)."""
+        if self._on_progress is not None:
+            self._on_progress(text)
+
+    def checkpoint(self) -> None:
+        """Write a setup checkpoint now (see the class docstring); no-op without one."""
+        if self._on_checkpoint is not None:
+            self._on_checkpoint()
+
+
 def config_number(config: Mapping[str, Any], key: str, default: float) -> float:
     """A numeric entry of a payload's config (the default when absent)."""
     value = config.get(key, default)
@@ -221,7 +290,12 @@ class ServerMethod:
 
     # -- hooks an engine calls -------------------------------------------------------
     def setup(self, io: FederatedIO) -> None:
-        """Optional phase before round 1 (default: nothing)."""
+        """Optional phase before round 1 (default: nothing).
+
+        Engines pass a :class:`SetupIO` (``SetupIO.of(io)`` also accepts a plain
+        ``FederatedIO``): a long setup reports progress and writes setup checkpoints
+        through it, and is called again on a fresh, restored server half when a run
+        killed during setup is resumed."""
 
     def round_config(self, rnd: int) -> dict[str, Any]:
         """Per-round settings for the clients (learning rate with decay, seed, mask mode)."""

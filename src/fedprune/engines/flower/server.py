@@ -115,6 +115,7 @@ def make_server_app(
             options=options,
             resume=resume,
             checkpoint=run.checkpointer(),
+            on_progress=lambda text: _LOG.info("fedprune %s", text),
         )
         records = strategy.run(grid)
         result = finish_run(run, records)

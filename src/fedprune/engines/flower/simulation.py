@@ -22,7 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprune.config import RunConfig
 from fedprune.data.federation import Federation
-from fedprune.engines.common import CheckpointFn, Resume, RoundCallback, RoundRecord
+from fedprune.engines.common import (
+    CheckpointFn,
+    ProgressCallback,
+    Resume,
+    RoundCallback,
+    RoundRecord,
+)
 from fedprune.engines.flower.client import ClientBuilder, make_client_app
 from fedprune.engines.flower.runconfig import FlowerOptions
 from fedprune.engines.flower.strategy import FedpruneStrategy
@@ -96,9 +102,11 @@ class FlowerSimulationEngine:
         *,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[RoundRecord]:
         """Run setup and every round on Flower; return one metrics record per round
-        (``resume`` and ``checkpoint`` as for the in-process engine)."""
+        (``resume``, ``checkpoint`` and ``on_progress`` as for the in-process engine; a
+        setup phase sends ``num_cpus`` clients per exchange, all of them on a cluster)."""
         _set_flower_env()
         from flwr.simulation import run_simulation
 
@@ -110,6 +118,8 @@ class FlowerSimulationEngine:
             options=self.options,
             resume=resume,
             checkpoint=checkpoint,
+            on_progress=on_progress,
+            parallel=0 if self.cluster_address() else self.num_cpus,
         )
         server_app = ServerApp()
 

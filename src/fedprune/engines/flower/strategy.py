@@ -34,6 +34,7 @@ from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
     CheckpointFn,
+    ProgressCallback,
     Resume,
     RoundAccounting,
     RoundCallback,
@@ -96,7 +97,12 @@ class FedpruneStrategy(Strategy):
         Continue after ``resume.round`` (the server half already restored).
     checkpoint
         Called after each round (after ``on_round``) with the round, the records and the
-        engine state.
+        engine state; also with round 0 when the setup phase saves its progress.
+    on_progress
+        Called with the setup phase's progress lines.
+    parallel
+        Clients a setup phase may send one exchange at a time (0: all at once; the
+        simulation engine passes its Ray CPUs, a deployment's nodes all run at once).
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class FedpruneStrategy(Strategy):
         options: FlowerOptions | None = None,
         resume: Resume | None = None,
         checkpoint: CheckpointFn | None = None,
+        on_progress: ProgressCallback | None = None,
+        parallel: int = 0,
     ) -> None:
         self.cfg = cfg
         self.fed = fed
@@ -119,6 +127,8 @@ class FedpruneStrategy(Strategy):
         self.accounting = RoundAccounting(cfg, fed, server.model)
         self.resume = resume
         self.checkpoint = checkpoint
+        self.on_progress = on_progress
+        self.parallel = parallel
         self.records: list[RoundRecord] = []
         self._offset = 0
         """Rounds finished before this process started (Flower counts from 1 again)."""
@@ -269,7 +279,14 @@ class FedpruneStrategy(Strategy):
         self._t_start = time.perf_counter()
         try:
             self.discover(grid)
-            self.records = self.accounting.start(self.server, self, self.resume)
+            self.records = self.accounting.start(
+                self.server,
+                self,
+                self.resume,
+                checkpoint=self.checkpoint,
+                on_progress=self.on_progress,
+                parallel=self.parallel,
+            )
             self._offset = len(self.records)
             remaining = self.cfg.federation.rounds - self._offset
             if remaining > 0:
