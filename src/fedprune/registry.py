@@ -275,8 +275,9 @@ BUILTIN: tuple[MethodInfo, ...] = (
         _M + "autoflip:AutoFlipServer",
         _M + "autoflip:AutoFlipClient",
         "Loss exploration from one theta_0 (every explorer trains up to "
-        "autoflip.explore_epochs=150 epochs before round 1), then guidance-driven unit "
-        "removal + weight mask.",
+        "autoflip.explore_epochs=150 epochs before round 1; progress shown, resumable), "
+        "then guidance-driven unit removal + weight mask. autoflip.compat=authors-code: "
+        "the authors' code (chained explorers, pre-trained model, mask not enforced).",
         "Internò et al. 2024 (AutoFLIP)",
         section="autoflip",
         config=AutoFlipConfig,

@@ -86,3 +86,10 @@ class AutoFlipConfig:
         "per-tensor scaling of the guidance (robust: median/IQR)",
         choices=("minmax", "robust"),
     )
+    compat: str = key(
+        "paper",
+        "`paper`: the method as published; `authors-code`: what the authors' code does "
+        "(methods.md §2.7): chained explorers, global model pre-trained on their data, "
+        "no structured step, mask applied once and not enforced (docs/autoflip.md)",
+        choices=("paper", "authors-code"),
+    )

@@ -406,6 +406,61 @@ def test_flower_strategy_resumes_from_a_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("compat", ["paper", "authors-code"])
+def test_flower_strategy_resumes_a_run_killed_during_exploration(
+    tmp_path: Path, compat: str
+) -> None:
+    """AutoFLIP's exploration on Flower in groups of two (``parallel``), stopped after the
+    first group's setup checkpoint, resumed: only the remaining explorers run and the
+    end equals an uninterrupted Flower run bit for bit."""
+    extra = (
+        "method=autoflip",
+        "model.name=fc",
+        "autoflip.explore_epochs=2",
+        "autoflip.explore_patience=1",
+        f"autoflip.compat={compat}",
+        "engine.name=flower",
+    )
+
+    def strategy_for(run: Any, **kw: Any) -> FedpruneStrategy:
+        return FedpruneStrategy(
+            run.cfg, run.fed, run.server, checkpoint=run.checkpointer(), parallel=2, **kw
+        )
+
+    ref_run = prepare_run(_cfg(tmp_path, *extra, "name='ref'"))
+    ref_lines: list[str] = []
+    ref = strategy_for(ref_run, on_progress=ref_lines.append).run(
+        MemoryGrid(make_client_app(ref_run.cfg), 4)
+    )
+    step = 1 if compat == "authors-code" else 2
+    assert ref_lines[1].startswith(f"exploration: {step}/4 explorers done")
+
+    def stop(text: str) -> None:
+        if text.startswith(f"exploration: {step}/4"):
+            raise KeyboardInterrupt
+
+    cfg = _cfg(tmp_path, *extra, "name='flwr'")
+    run = prepare_run(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        strategy_for(run, on_progress=stop).run(MemoryGrid(make_client_app(cfg), 4))
+    resumed, resume = prepare_resume(run.run_dir, cfg)
+    assert resume is not None and resume.in_setup
+    grid = MemoryGrid(make_client_app(cfg), 4)
+    records = strategy_for(resumed, resume=resume).run(grid)
+    explored = [m for m in grid.sent if m.metadata.group_id == "setup-explore"]
+    assert len(explored) == 4 - step
+    assert [_untimed(r) for r in records] == [_untimed(r) for r in ref]
+    for k, v in ref_run.server.model.state_dict().items():
+        assert torch.equal(v, resumed.server.model.state_dict()[k]), k
+
+
+def _untimed(rec: Any) -> dict[str, Any]:
+    return {
+        k: v for k, v in rec.items() if k not in ("round_s", "wall_s") and not k.startswith("time_")
+    }
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_server_app_resumes_a_run_with_flower_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

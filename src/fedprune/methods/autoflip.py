@@ -1,7 +1,7 @@
 """AutoFLIP (Internò et al., arXiv 2405.10271): loss exploration, then hybrid pruning.
 
-The method of the paper (methods.md §2.2), not of the authors' code (§2.7 lists where
-that code departs from it):
+The method of the paper (methods.md §2.2) by default; ``autoflip.compat =
+"authors-code"`` reproduces where the authors' code departs from it (§2.7, see the end).
 
 **Exploration** (:meth:`AutoFlipServer.setup`, before round 1; its bytes are counted and
 charged to round 1 by the engine). A seeded choice of ``max(1, floor(f * K))`` clients
@@ -14,7 +14,13 @@ the last mini-batch's loss; the epoch mean is less noisy). The explorer uploads
 ``G_k = (theta_k - theta_0) ** 2`` for every trainable tensor, weights *and* biases
 (``"guidance/<param>"``, float32, or float16 on the wire with ``engine.fp16``). The
 server validates and keeps every explorer's ``G_k`` (needed again for the per-round
-refresh) and averages them.
+refresh) and averages them. Explorers are sent in groups of at most the engine's
+parallelism (:attr:`~fedprune.methods.base.SetupIO.parallel`); after each group a
+progress line (explorers done, mean epochs, time elapsed and left) and a setup
+checkpoint, from which ``--resume`` continues with the remaining explorers. Explorer
+``k``'s batches are seeded by the payload's seed and ``k`` only, so grouping and
+resuming change no result. An in-process explorer logs every
+:data:`EPOCH_REPORT_EVERY` epochs on :data:`~fedprune.methods.base.PROGRESS_LOGGER`.
 
 **Pruning** (:mod:`fedprune.core.guidance`). With ``autoflip.structured`` the server first
 removes, in every layer but the output layer, the ``floor(T_p * n)`` units (conv filters,
@@ -59,13 +65,33 @@ parameters), ``train_flops`` and ``train_effective_flops`` (forward FLOPs per sa
 the model the round's clients trained: dense, and weighted by weight density), the
 refresh counts, and in round 1 the exploration figures (``explorers``,
 ``explore_epochs_mean``, ``explore_sample_epochs`` = sum over explorers of training
-samples x epochs run).
+samples x epochs run; ``explore_failed`` when explorers did not reply).
+
+**``compat = "authors-code"``** (methods.md §2.7), everything counted as usual:
+
+- *Chained explorers* (§2.7.1): one at a time in explorer order, explorer ``i`` starting
+  from the weights explorer ``i - 1`` ended with (``theta_0`` for the first) and
+  uploading its trained weights (``config["reply"] = "weights"``); the server computes
+  each movement. Since the code's scouts all alias the final model and its base is
+  re-saved before each explorer, every explorer's guidance then becomes the last sound
+  explorer's movement ``(theta_final - theta_before_last) ** 2``.
+- *Pre-training* (§2.7.2): the global model, from ``theta_0``, goes through the explorers
+  in order (task ``"pretrain"``, :data:`PRETRAIN_EPOCHS` = 1 warm-up + 1 exploration epoch
+  each, one optimiser); the result is round 1's global model. The server has no data, so
+  each step costs the weights down and up.
+- *No structured step*; the mask is applied to the pre-trained model once and *not
+  enforced* (§2.7.3): clients train dense (``mask = "none"``), the server keeps no mask,
+  refresh and regrowth do nothing, pruned weights regrow after the first local update.
+  ``pretrain_clients``, ``pretrain_sample_epochs`` and ``initial_mask_sparsity`` are
+  reported in round 1.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -89,12 +115,15 @@ from fedprune.core.masks import Masks, apply_masks, count_kept, mask_sparsity
 from fedprune.core.sampling import derive_seed
 from fedprune.core.select import Ties, select_lowest
 from fedprune.core.training import TrainSettings, make_optimizer
+from fedprune.core.validation import check_reply
 from fedprune.methods.base import (
+    PROGRESS_LOGGER,
     ClientMethod,
     ClientReply,
     FederatedIO,
     ModelSpec,
     ServerMethod,
+    SetupIO,
     client_generator,
     config_number,
     state_of,
@@ -109,8 +138,17 @@ GUIDANCE_PREFIX = "guidance/"
 _EXPLORE_STREAM = 0xA7F1
 """Seed stream of the explorer choice (independent of the round sampler)."""
 
+_PRETRAIN_STREAM = 0xA7F2
+"""Seed stream of the authors-code pre-training's batch order."""
+
+PRETRAIN_EPOCHS = 2
+"""authors-code pre-training epochs per explorer: the warm-up epoch and the one
+exploration epoch of the authors' main-phase call (methods.md §2.7.2)."""
+
 __all__ = [
+    "EPOCH_REPORT_EVERY",
     "GUIDANCE_PREFIX",
+    "PRETRAIN_EPOCHS",
     "AutoFlipClient",
     "AutoFlipServer",
     "explore_train",
@@ -132,11 +170,13 @@ def explore_train(
     max_epochs: int,
     patience: int,
     generator: torch.Generator | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[int, float]:
     """Train in place with one optimiser for up to ``max_epochs``, early-stopped.
 
     Stops after ``patience`` consecutive epochs whose mean training loss is not below
-    the best so far. Returns ``(epochs run, mean loss of the last epoch)``.
+    the best so far. Returns ``(epochs run, mean loss of the last epoch)``. ``on_epoch``
+    is called after every epoch with the epochs run so far and that epoch's mean loss.
     """
     n = int(x.shape[0])
     if n == 0:
@@ -161,6 +201,8 @@ def explore_train(
             total += loss.detach()
         epochs += 1
         loss_epoch = float(total) / batches
+        if on_epoch is not None:
+            on_epoch(epochs, loss_epoch)
         if loss_epoch < best:
             best, stale = loss_epoch, 0
         else:
@@ -182,6 +224,10 @@ class AutoFlipServer(ServerMethod):
         "explore_rejections",
         "unit_totals",
         "removed_units",
+        "explore_failures",
+        "explore_chain",
+        "pretraining",
+        "pretrain_skipped",
     )
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
@@ -197,6 +243,17 @@ class AutoFlipServer(ServerMethod):
         self.exploration: dict[int, dict[str, float]] = {}
         """Explorer id -> ``num_examples``, ``epochs`` and ``loss`` of its exploration."""
         self.explore_rejections: dict[int, str] = {}
+        self.explore_failures: dict[int, str] = {}
+        """Explorer id -> why no reply came back (the engine dropped the client)."""
+        self.authors = self.af.compat == "authors-code"
+        """``autoflip.compat = "authors-code"`` (see the module docstring)."""
+        self.explore_chain: dict[str, torch.Tensor] | None = None
+        """authors-code: the weights the next chained explorer starts from."""
+        self.pretraining: dict[int, dict[str, float]] = {}
+        """authors-code: explorer id -> ``num_examples``, ``epochs``, ``loss`` of its
+        pre-training step of the global model."""
+        self.pretrain_skipped: dict[int, str] = {}
+        """authors-code: explorer id -> why its pre-training step was not applied."""
         self.unit_totals: dict[str, int] = {}
         """Prunable layer -> units it had initially."""
         self.removed_units: dict[str, list[int]] = {}
@@ -213,51 +270,205 @@ class AutoFlipServer(ServerMethod):
         return sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
 
     def setup(self, io: FederatedIO) -> None:
-        """Exploration from ``theta_0``, then the initial structured and unstructured pruning."""
+        """Exploration from ``theta_0``, then the initial structured and unstructured pruning.
+
+        Explorers are sent in groups of at most the engine's parallelism
+        (:attr:`SetupIO.parallel`); after each group a progress line and a setup
+        checkpoint. On a resume from a setup checkpoint the explorers already done (their
+        guidance, figures, rejections and failures are restored) are skipped. Explorer
+        ``k`` trains with seeds from the payload's seed and ``k`` only, so the grouping
+        and a resume do not change any result. With ``compat = "authors-code"`` the
+        explorers are chained and the global model is pre-trained (module docstring).
+        """
+        ctl = SetupIO.of(io)
         self.explorers = self.choose_explorers(io.num_clients)
-        names = trainable_names(self.model)
-        lr = self.af.explore_lr or self.cfg.train.lr
-        payload = Payload(
-            arrays=state_of(self.model),
-            config={
-                "task": "explore",
-                "seed": derive_seed(self.cfg.seed, 0),
-                "lr": lr,
-                "epochs": self.af.explore_epochs,
-                "patience": self.af.explore_patience,
-            },
-        )
-        replies = io.exchange("explore", dict.fromkeys(self.explorers, payload))
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
-        for r in replies:
-            reason = _check_guidance(r, names, shapes)
-            if reason is not None:
-                self.explore_rejections[r.cid] = reason
-                continue
-            self.guidance[r.cid] = {n: r.payload.arrays[GUIDANCE_PREFIX + n].float() for n in names}
-            m = r.payload.metrics
-            self.exploration[r.cid] = {
-                "num_examples": float(m.get("num_examples", 0.0)),
-                "epochs": float(m.get("explore_epochs", 0.0)),
-                "loss": float(m.get("train_loss", math.nan)),
-            }
-        pending: dict[str, float] = {
-            "explorers": float(len(self.guidance)),
-            "explore_rejected": float(len(self.explore_rejections)),
-        }
-        if self.exploration:
-            ex = self.exploration.values()
-            pending["explore_epochs_mean"] = float(np.mean([e["epochs"] for e in ex]))
-            pending["explore_sample_epochs"] = float(
-                sum(e["epochs"] * e["num_examples"] for e in ex)
-            )
-            pending["explore_loss"] = float(np.mean([e["loss"] for e in ex]))
-        self.report(**pending)
+        if self.authors:
+            self.explore_chained(ctl)
+            self.pretrain(ctl)
+        else:
+            self.explore(ctl)
+        self.report(**self.exploration_figures())
         if not self.guidance:  # nobody explored soundly: stay dense, say so
+            return
+        if self.authors:  # §2.7.3: applied to the global model once, never enforced
+            masks = self.mask_from(list(self.guidance.values()))
+            apply_masks(self.model, masks)
+            self.report(initial_mask_sparsity=mask_sparsity(masks))
             return
         if self.af.structured:
             self.structured_step(self.guidance_scores(list(self.guidance.values())))
         self.install(self.mask_from(list(self.guidance.values())), monotone=False)
+
+    def explored(self) -> set[int]:
+        """Explorers whose exploration is over: sound, rejected or failed."""
+        return {*self.exploration, *self.explore_rejections, *self.explore_failures}
+
+    def _explore_payload(self, arrays: dict[str, torch.Tensor], *, weights: bool) -> Payload:
+        config: dict[str, Any] = {
+            "task": "explore",
+            "seed": derive_seed(self.cfg.seed, 0),
+            "lr": self.af.explore_lr or self.cfg.train.lr,
+            "epochs": self.af.explore_epochs,
+            "patience": self.af.explore_patience,
+        }
+        if weights:
+            config["reply"] = "weights"
+        return Payload(arrays=arrays, config=config)
+
+    def _meter(self, ctl: SetupIO, phase: str, todo: int, epochs: int, how: str) -> _Meter:
+        """A progress meter over the explorers, after its first line."""
+        total = len(self.explorers)
+        if todo and todo < total:
+            ctl.progress(f"{phase}: resuming with {total - todo}/{total} explorers done")
+        elif todo:
+            ctl.progress(f"{phase}: {total} explorers, up to {epochs} epochs each, {how}")
+        return _Meter(ctl, phase, total, total - todo)
+
+    def _epochs_note(self) -> str:
+        if not self.exploration:
+            return ""
+        mean = float(np.mean([e["epochs"] for e in self.exploration.values()]))
+        return f" (mean {mean:.0f} epochs)"
+
+    def explore(self, ctl: SetupIO) -> None:
+        """The paper's exploration: every explorer trains from ``theta_0`` (the global
+        model, untouched) and uploads its guidance; groups of ``ctl.group_size``."""
+        names = trainable_names(self.model)
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        payload = self._explore_payload(state_of(self.model), weights=False)
+        done = self.explored()
+        todo = [c for c in self.explorers if c not in done]
+        size = ctl.group_size(len(todo))
+        meter = self._meter(
+            ctl, "exploration", len(todo), self.af.explore_epochs, f"{size} at a time"
+        )
+        for i in range(0, len(todo), size):
+            group = todo[i : i + size]
+            replies = ctl.exchange("explore", dict.fromkeys(group, payload))
+            for r in replies:
+                reason = _check_guidance(r, names, shapes)
+                if reason is not None:
+                    self.explore_rejections[r.cid] = reason
+                    continue
+                self.guidance[r.cid] = {
+                    n: r.payload.arrays[GUIDANCE_PREFIX + n].float() for n in names
+                }
+                self._note_exploration(r)
+            self._note_failures(group, replies)
+            ctl.checkpoint()
+            meter.step(len(group), self._epochs_note())
+
+    def _note_exploration(self, r: ClientReply) -> None:
+        m = r.payload.metrics
+        self.exploration[r.cid] = {
+            "num_examples": float(m.get("num_examples", 0.0)),
+            "epochs": float(m.get("explore_epochs", 0.0)),
+            "loss": float(m.get("train_loss", math.nan)),
+        }
+
+    def _note_failures(self, group: list[int], replies: list[ClientReply]) -> None:
+        got = {r.cid for r in replies}
+        for c in group:
+            if c not in got:
+                self.explore_failures[c] = "no reply (the client failed or was dropped)"
+
+    def explore_chained(self, ctl: SetupIO) -> None:
+        """authors-code (§2.7.1): explorer ``i`` starts from the weights explorer ``i-1``
+        ended with (one at a time, in explorer order; a rejected or failed explorer
+        leaves the chain where it was) and uploads those weights; the server computes
+        each explorer's own movement. At the end every explorer's guidance becomes the
+        last sound explorer's movement, as the authors' aliased scouts make it."""
+        names = trainable_names(self.model)
+        if self.explore_chain is None:
+            self.explore_chain = state_of(self.model)
+        done = self.explored()
+        todo = [c for c in self.explorers if c not in done]
+        meter = self._meter(
+            ctl, "exploration", len(todo), self.af.explore_epochs, "one at a time, chained"
+        )
+        for cid in todo:
+            start = self.explore_chain
+            replies = ctl.exchange("explore", {cid: self._explore_payload(start, weights=True)})
+            self._note_failures([cid], replies)
+            for r in replies:
+                reason = check_reply(r.payload, start, None, self.validation_policy())
+                if reason is not None:
+                    self.explore_rejections[cid] = reason
+                    continue
+                trained = {k: r.payload.arrays[k].clone() for k in start}
+                self.guidance[cid] = squared_deviation(trained, start, names)
+                self._note_exploration(r)
+                self.explore_chain = trained
+            ctl.checkpoint()
+            meter.step(1, self._epochs_note())
+        if self.guidance:  # idempotent: a resume may pass here twice
+            last = self.guidance[next(reversed(self.guidance))]
+            self.guidance = dict.fromkeys(self.guidance, last)
+
+    def pretrain(self, ctl: SetupIO) -> None:
+        """authors-code (§2.7.2): the global model, from ``theta_0``, is trained in place
+        through the explorers in order, :data:`PRETRAIN_EPOCHS` epochs each (the warm-up
+        epoch and the exploration epoch, one optimiser): a chain of ``"pretrain"`` tasks
+        whose result becomes the global model. The server has no data, so each step
+        costs the weights down and up, counted like every byte."""
+        todo = [c for c in self.explorers if c not in self.pretraining]
+        todo = [c for c in todo if c not in self.pretrain_skipped]
+        meter = self._meter(ctl, "pre-training", len(todo), PRETRAIN_EPOCHS, "chained")
+        config: dict[str, Any] = {
+            "task": "pretrain",
+            "seed": derive_seed(self.cfg.seed, 0, _PRETRAIN_STREAM),
+            "lr": self.af.explore_lr or self.cfg.train.lr,
+            "epochs": PRETRAIN_EPOCHS,
+        }
+        for cid in todo:
+            start = state_of(self.model)
+            replies = ctl.exchange("pretrain", {cid: Payload(arrays=start, config=config)})
+            if not replies:
+                self.pretrain_skipped[cid] = "no reply (the client failed or was dropped)"
+            for r in replies:
+                reason = check_reply(r.payload, start, None, self.validation_policy())
+                if reason is not None:
+                    self.pretrain_skipped[cid] = reason
+                    continue
+                self.model.load_state_dict({k: r.payload.arrays[k] for k in start})
+                m = r.payload.metrics
+                self.pretraining[cid] = {
+                    "num_examples": float(m.get("num_examples", 0.0)),
+                    "epochs": float(m.get("pretrain_epochs", 0.0)),
+                    "loss": float(m.get("train_loss", math.nan)),
+                }
+            ctl.checkpoint()
+            meter.step(1)
+
+    def exploration_figures(self) -> dict[str, float]:
+        """Round 1's exploration (and, authors-code, pre-training) figures."""
+        out: dict[str, float] = {
+            "explorers": float(len(self.guidance)),
+            "explore_rejected": float(len(self.explore_rejections)),
+        }
+        if self.explore_failures:
+            out["explore_failed"] = float(len(self.explore_failures))
+        if self.exploration:
+            ex = self.exploration.values()
+            out["explore_epochs_mean"] = float(np.mean([e["epochs"] for e in ex]))
+            out["explore_sample_epochs"] = float(sum(e["epochs"] * e["num_examples"] for e in ex))
+            out["explore_loss"] = float(np.mean([e["loss"] for e in ex]))
+        if self.authors:
+            pre = self.pretraining.values()
+            out["pretrain_clients"] = float(len(self.pretraining))
+            out["pretrain_sample_epochs"] = float(sum(e["epochs"] * e["num_examples"] for e in pre))
+        return out
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """As the base class; checkpoints written before the setup checkpoints existed
+        lack the failure and authors-code attributes (empty then)."""
+        defaults: dict[str, Any] = {
+            "explore_failures": {},
+            "explore_chain": None,
+            "pretraining": {},
+            "pretrain_skipped": {},
+        }
+        super().restore_state({**defaults, **state})
 
     # -- pruning ----------------------------------------------------------------------
     def structured_step(self, normalised: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -393,13 +604,20 @@ class AutoFlipServer(ServerMethod):
     # -- rounds -------------------------------------------------------------------------
     def configure_fit(self, rnd: int, cids: list[int]) -> dict[int, Payload]:
         """Refresh the mask (from round 2), apply it, then broadcast model and mask."""
-        if self.af.refresh and rnd > 1:
+        if self.af.refresh and rnd > 1 and not self.authors:
             self.refresh(cids)
         stats = self._stats(self.model)
         self.report(
             train_flops=float(stats.flops), train_effective_flops=float(stats.effective_flops)
         )
         return super().configure_fit(rnd, cids)
+
+    def round_config(self, rnd: int) -> dict[str, Any]:
+        """The base class's, with ``mask = "none"`` in authors-code (clients train dense)."""
+        config = super().round_config(rnd)
+        if self.authors:
+            config["mask"] = "none"
+        return config
 
     def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
         """The round's pruning metrics (see the module docstring)."""
@@ -441,36 +659,120 @@ def _check_guidance(
 
 
 class AutoFlipClient(ClientMethod):
-    """Answers ``"explore"`` (guidance from ``theta_0``); trains masked otherwise."""
+    """Answers ``"explore"`` (guidance from ``theta_0``, or the trained weights when the
+    config says ``reply = "weights"``) and ``"pretrain"`` (authors-code); trains masked
+    otherwise."""
 
     def handle(self, task: str, payload: Payload, data: ClientData) -> Payload:
-        """``"explore"`` or masked ``"fit"``."""
+        """``"explore"``, ``"pretrain"`` or masked ``"fit"``."""
         if task == "explore":
             return self.explore(payload, data)
+        if task == "pretrain":
+            return self.pretrain(payload, data)
         return super().handle(task, payload, data)
 
     def explore(self, payload: Payload, data: ClientData) -> Payload:
-        """Train from the received weights, early-stopped; upload ``(theta_k - theta_0)**2``."""
+        """Train from the received weights, early-stopped; upload ``(theta_k - theta_0)**2``
+        (or ``theta_k`` itself with ``config["reply"] = "weights"``: the chained explorers
+        of authors-code). Every :data:`EPOCH_REPORT_EVERY` epochs a line on the
+        :data:`~fedprune.methods.base.PROGRESS_LOGGER` logger (INFO)."""
         model = self.model_for(payload)
         base = state_of(model)
         settings = self.settings(payload)  # lr from the payload: the exploration lr
         gen = client_generator(payload, data.cid)
+        max_epochs = max(1, int(config_number(payload.config, "epochs", 1)))
         epochs, loss = explore_train(
             model,
             data.x_train,
             data.y_train,
             settings,
-            max_epochs=max(1, int(config_number(payload.config, "epochs", 1))),
+            max_epochs=max_epochs,
             patience=max(1, int(config_number(payload.config, "patience", 1))),
             generator=gen,
+            on_epoch=_epoch_reporter(f"explorer {data.cid}", max_epochs),
         )
+        metrics = {
+            "num_examples": float(data.x_train.shape[0]),
+            "train_loss": loss,
+            "explore_epochs": float(epochs),
+        }
+        if payload.config.get("reply") == "weights":
+            return Payload(arrays=state_of(model), metrics=metrics)
         names = trainable_names(model)
         g = squared_deviation(state_of(model), base, names)
+        return Payload(arrays={GUIDANCE_PREFIX + n: t for n, t in g.items()}, metrics=metrics)
+
+    def pretrain(self, payload: Payload, data: ClientData) -> Payload:
+        """authors-code: train the received global model ``config["epochs"]`` epochs with
+        one optimiser (no early stop) and upload the weights."""
+        model = self.model_for(payload)
+        epochs = max(1, int(config_number(payload.config, "epochs", 1)))
+        ran, loss = explore_train(
+            model,
+            data.x_train,
+            data.y_train,
+            self.settings(payload),
+            max_epochs=epochs,
+            patience=epochs,
+            generator=client_generator(payload, data.cid),
+        )
         return Payload(
-            arrays={GUIDANCE_PREFIX + n: t for n, t in g.items()},
+            arrays=state_of(model),
             metrics={
                 "num_examples": float(data.x_train.shape[0]),
                 "train_loss": loss,
-                "explore_epochs": float(epochs),
+                "pretrain_epochs": float(ran),
             },
         )
+
+
+EPOCH_REPORT_EVERY = 10
+"""An explorer reports its progress every this many epochs (when anyone listens)."""
+
+_progress_log = logging.getLogger(PROGRESS_LOGGER)
+
+
+def _epoch_reporter(label: str, total: int) -> Callable[[int, float], None] | None:
+    """An ``on_epoch`` that logs every :data:`EPOCH_REPORT_EVERY` epochs (None when the
+    progress logger would drop INFO records: library use)."""
+    if not _progress_log.isEnabledFor(logging.INFO):
+        return None
+
+    def report(epoch: int, loss: float) -> None:
+        if epoch % EPOCH_REPORT_EVERY == 0 and epoch < total:
+            _progress_log.info("  %s: epoch %d/%d, loss %.4f", label, epoch, total, loss)
+
+    return report
+
+
+class _Meter:
+    """Progress lines of a setup phase: done/total, elapsed, and the time left estimated
+    from the time per explorer so far (in this process)."""
+
+    def __init__(self, ctl: SetupIO, phase: str, total: int, done: int) -> None:
+        self.ctl, self.phase, self.total, self.done = ctl, phase, total, done
+        self.t0 = time.perf_counter()
+        self.new = 0
+
+    def step(self, n: int, note: str = "") -> None:
+        self.done += n
+        self.new += n
+        elapsed = time.perf_counter() - self.t0
+        text = (
+            f"{self.phase}: {self.done}/{self.total} explorers done{note}, "
+            f"{duration(elapsed)} elapsed"
+        )
+        left = self.total - self.done
+        if left > 0:
+            text += f", about {duration(elapsed / self.new * left)} left"
+        self.ctl.progress(text)
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``2m10s`` or ``1h02m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
