@@ -124,7 +124,7 @@ def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Va
     return (
         Variant("fedavg", (*base, "method='fedavg'")),
         Variant("authors' code (re-init)", (*paper, "structured.inherit_weights=false")),
-        Variant("paper rule, inherited weights", (*paper, "structured.inherit_weights=true")),
+        Variant("paper rule (inherited weights)", (*paper, "structured.inherit_weights=true")),
         Variant(
             "round to 8 + guard",
             (
