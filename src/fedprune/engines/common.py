@@ -9,6 +9,7 @@ crossed in each direction and which replies arrived.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from fedprune.core.accounting import ModelStatsCounter, Timer, Traffic, state_nu
 from fedprune.core.sampling import derive_seed, sample_clients
 from fedprune.core.training import evaluate
 from fedprune.data.federation import Federation
-from fedprune.errors import elide
+from fedprune.errors import RoundFailedError, elide
 from fedprune.methods.base import ClientReply, SetupIO
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FAIL_TASK",
     "SETUP_KEY",
+    "Attempt",
     "CheckpointFn",
     "InjectedFailure",
     "ProgressCallback",
@@ -47,6 +49,31 @@ FAIL_TASK = "fit:injected-failure"
 
 class InjectedFailure(RuntimeError):
     """A client failure injected by ``engine.fail_rate``."""
+
+
+@dataclass
+class Attempt:
+    """One try at a round's training: the clients sampled, what came back, who failed."""
+
+    cids: list[int]
+    replies: list[ClientReply]
+    failures: dict[int, str]
+    """Client id -> why it gave no usable reply (failed, dropped, undecodable)."""
+
+
+@dataclass
+class Accepted:
+    """The attempt that got enough accepted replies, and what the round met on the way."""
+
+    cids: list[int]
+    """The clients sampled in the accepted attempt."""
+    replies: list[ClientReply]
+    """The accepted replies (sound and passing the server's validation)."""
+    failures: dict[int, str]
+    """Every client of every attempt that gave no usable reply."""
+    rejections: dict[int, str]
+    """Every reply of every attempt that validation rejected, with the reason."""
+    attempts: int
 
 
 def round_failed_message(
@@ -294,6 +321,53 @@ class RoundAccounting:
             server.setup(setup_io)
         self.end_setup()
         return []
+
+    def until_enough(
+        self,
+        rnd: int,
+        server: ServerMethod,
+        first: Attempt,
+        retry: Callable[[int], Attempt] | None,
+        log: logging.Logger,
+    ) -> Accepted:
+        """Validate a round's replies; while fewer than ``federation.min_clients`` are
+        accepted, try again with a fresh sample (``retry(attempt)``, attempts numbered
+        from 2), at most ``federation.max_retries`` times. Every engine goes through this
+        loop, so a round means the same everywhere.
+
+        Raises
+        ------
+        RoundFailedError
+            Still too few accepted replies after the last attempt (or at once when
+            ``retry`` is None: the engine cannot resample).
+        """
+        fed = self.cfg.federation
+        failures: dict[int, str] = {}
+        rejections: dict[int, str] = {}
+        attempt, current = 1, first
+        while True:
+            failures.update(current.failures)
+            with self.timer.phase("aggregate"):
+                sound, rejected = server.validate(current.replies)
+            rejections.update(rejected)
+            if len(sound) >= fed.min_clients:
+                return Accepted(current.cids, sound, failures, rejections, attempt)
+            if attempt > fed.max_retries or retry is None:
+                raise RoundFailedError(
+                    round_failed_message(rnd, fed.min_clients, attempt, failures, rejections)
+                )
+            log.warning(
+                "round %d: %d of %d clients answered, %d accepted "
+                "(federation.min_clients=%d); attempt %d, sampling again",
+                rnd,
+                len(current.replies),
+                len(current.cids),
+                len(sound),
+                fed.min_clients,
+                attempt,
+            )
+            attempt += 1
+            current = retry(attempt)
 
     def draw(self, rnd: int, attempt: int) -> tuple[list[int], frozenset[int]]:
         """The clients of this round's ``attempt`` (from 1), and those of them that

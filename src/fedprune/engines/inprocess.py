@@ -50,6 +50,8 @@ from fedprune.engines.cohort import cohort_refusal, resolve_device, run_cohort
 from fedprune.engines.cohort import split as split_cohort
 from fedprune.engines.common import (
     FAIL_TASK,
+    Accepted,
+    Attempt,
     CheckpointFn,
     InjectedFailure,
     ProgressCallback,
@@ -57,10 +59,9 @@ from fedprune.engines.common import (
     RoundAccounting,
     RoundCallback,
     RoundRecord,
-    round_failed_message,
 )
 from fedprune.engines.references import ReferenceBook, encode_reply
-from fedprune.errors import DecodeError, RoundFailedError
+from fedprune.errors import DecodeError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
 
 log = logging.getLogger(__name__)
@@ -325,42 +326,18 @@ class InProcessEngine:
             self._main_client(), self.fed, jobs, _guarded, _reply_bytes, chunk=chunk, device=device
         )
 
-    def _train_round(
-        self, rnd: int
-    ) -> tuple[list[int], list[ClientReply], dict[int, str], dict[int, str], int]:
-        """Sample, train and validate; retry with a fresh sample while fewer than
-        ``federation.min_clients`` replies are accepted (sound and passing validation).
+    def _train_round(self, rnd: int) -> Accepted:
+        """Sample, train and validate, resampling while too few replies are accepted
+        (:meth:`RoundAccounting.until_enough`)."""
 
-        Returns the sampled clients, the accepted replies, the clients dropped
-        (``{cid: reason}``), the rejected replies (``{cid: reason}``) and the attempts.
-        """
-        cfg = self.cfg.federation
-        failures: dict[int, str] = {}
-        rejections: dict[int, str] = {}
-        for attempt in range(1, cfg.max_retries + 2):
-            cids, fail = self.accounting.draw(rnd, attempt)
+        def attempt(n: int) -> Attempt:
+            cids, fail = self.accounting.draw(rnd, n)
             self.failures = {}
             with self.timer.phase("train"):
                 replies = self.exchange("fit", self.server.configure_fit(rnd, cids), fail)
-            failures.update(self.failures)
-            with self.timer.phase("aggregate"):
-                sound, rejected = self.server.validate(replies)
-            rejections.update(rejected)
-            if len(sound) >= cfg.min_clients:
-                return cids, sound, failures, rejections, attempt
-            log.warning(
-                "round %d: %d of %d clients answered, %d accepted (federation.min_clients=%d); "
-                "attempt %d",
-                rnd,
-                len(replies),
-                len(cids),
-                len(sound),
-                cfg.min_clients,
-                attempt,
-            )
-        raise RoundFailedError(
-            round_failed_message(rnd, cfg.min_clients, cfg.max_retries + 1, failures, rejections)
-        )
+            return Attempt(cids, replies, dict(self.failures))
+
+        return self.accounting.until_enough(rnd, self.server, attempt(1), attempt, log)
 
     def close(self) -> None:
         """Stop worker processes, if any."""
@@ -422,11 +399,11 @@ class InProcessEngine:
             for rnd in range(len(records) + 1, self.cfg.federation.rounds + 1):
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
-                cids, replies, failures, rejections, attempts = self._train_round(rnd)
+                got = self._train_round(rnd)
                 with self.timer.phase("aggregate"):
-                    extra = self.server.aggregate_fit(rnd, replies, rejections)
+                    extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
                 rec = self.accounting.record(
-                    rnd, cids, replies, extra, self.server.model, failures, attempts
+                    rnd, got.cids, got.replies, extra, self.server.model, got.failures, got.attempts
                 )
                 self.accounting.finish_round(
                     rec,

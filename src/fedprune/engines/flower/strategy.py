@@ -33,13 +33,14 @@ from fedprune.core.validation import reply_schema
 from fedprune.data.federation import Federation
 from fedprune.engines.common import (
     FAIL_TASK,
+    Accepted,
+    Attempt,
     CheckpointFn,
     ProgressCallback,
     Resume,
     RoundAccounting,
     RoundCallback,
     RoundRecord,
-    round_failed_message,
 )
 from fedprune.engines.flower.grid import PollingGrid
 from fedprune.engines.flower.runconfig import FlowerOptions
@@ -54,7 +55,7 @@ from fedprune.engines.flower.wire import (
     encode_for_flower,
     make_content,
 )
-from fedprune.errors import DecodeError, RoundFailedError
+from fedprune.errors import DecodeError
 from fedprune.methods.base import ClientReply, ServerMethod
 
 __all__ = ["FedpruneStrategy"]
@@ -174,49 +175,25 @@ class FedpruneStrategy(Strategy):
         payloads = self.server.configure_fit(rnd, self._cids)
         return self._messages("fit", payloads, f"{rnd}.{attempt}", fail)
 
-    def _retry_until_enough(
-        self, rnd: int, decoded: list[ClientReply]
-    ) -> tuple[list[ClientReply], dict[int, str], dict[int, str], int]:
-        """Validate the replies; resample while fewer than ``federation.min_clients`` are
-        accepted (sound and passing validation), as the in-process engine does.
+    def _retry_until_enough(self, rnd: int, decoded: list[ClientReply]) -> Accepted:
+        """Validate the replies; resample while too few are accepted
+        (:meth:`RoundAccounting.until_enough`, as the in-process engine does; without a
+        grid to send on, the first attempt is the only one)."""
+        grid = self._grid
 
-        Returns the accepted replies, the dropped clients, the rejected replies and the
-        attempts.
-
-        Raises
-        ------
-        RoundFailedError
-            Still too few after ``federation.max_retries`` retries.
-        """
-        fed_cfg = self.cfg.federation
-        drops = dict(self._drops)
-        attempt = 1
-        with self.accounting.timer.phase("aggregate"):
-            sound, rejections = self.server.validate(decoded)
-        while len(sound) < fed_cfg.min_clients:
-            if attempt > fed_cfg.max_retries or self._grid is None:
-                raise RoundFailedError(
-                    round_failed_message(rnd, fed_cfg.min_clients, attempt, drops, rejections)
-                )
-            _LOG.warning(
-                "fedprune round %d: %d of %d clients answered, %d accepted "
-                "(federation.min_clients=%d); attempt %d",
-                rnd,
-                len(decoded),
-                len(self._cids),
-                len(sound),
-                fed_cfg.min_clients,
-                attempt,
+        def attempt(n: int) -> Attempt:
+            assert grid is not None
+            replies = grid.send_and_receive(
+                self._fit_messages(rnd, n), timeout=self.options.round_timeout
             )
-            attempt += 1
-            messages = self._fit_messages(rnd, attempt)
-            replies = self._grid.send_and_receive(messages, timeout=self.options.round_timeout)
-            decoded = self._decode_replies("fit", replies, self._cids)
-            drops.update(self._drops)
-            with self.accounting.timer.phase("aggregate"):
-                sound, rejected = self.server.validate(decoded)
-            rejections.update(rejected)
-        return sound, drops, rejections, attempt
+            return Attempt(
+                self._cids, self._decode_replies("fit", replies, self._cids), dict(self._drops)
+            )
+
+        first = Attempt(self._cids, decoded, dict(self._drops))
+        return self.accounting.until_enough(
+            rnd, self.server, first, None if grid is None else attempt, _LOG
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -225,13 +202,15 @@ class FedpruneStrategy(Strategy):
         rnd = server_round + self._offset
         acct = self.accounting
         decoded = self._decode_replies("fit", replies, self._cids)
-        decoded, drops, rejections, attempts = self._retry_until_enough(rnd, decoded)
+        got = self._retry_until_enough(rnd, decoded)
         acct.timer.seconds["train"] = (
             acct.timer.seconds.get("train", 0.0) + time.perf_counter() - self._t_train
         )
         with acct.timer.phase("aggregate"):
-            extra = self.server.aggregate_fit(rnd, decoded, rejections)
-        rec = acct.record(rnd, self._cids, decoded, extra, self.server.model, drops, attempts)
+            extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
+        rec = acct.record(
+            rnd, got.cids, got.replies, extra, self.server.model, got.failures, got.attempts
+        )
         acct.finish_round(
             rec,
             self.records,
