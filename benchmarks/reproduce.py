@@ -47,6 +47,7 @@ import matplotlib.pyplot as plt
 
 from _common import load_average, machine
 from fedprune.config import RunConfig, load_config
+from fedprune.engines.common import RoundRecord
 from fedprune.experiment import resume_experiment, run_experiment
 from fedprune.rundir import read_metrics
 
@@ -270,14 +271,31 @@ def _run_or_read(
         return json.loads(summary.read_text()), read_metrics(run_dir)
     if run_dir.exists():
         if resume and (run_dir / "checkpoint.safetensors").is_file():
-            res = resume_experiment(run_dir)
-            return res.summary, list(res.records)
+            res = resume_experiment(run_dir, on_round=_on_round, on_progress=_on_progress)
+            return res.summary, [dict(r) for r in res.records]
         if not resume:
             raise SystemExit(f"{run_dir} exists; pass --resume to continue it")
         shutil.rmtree(run_dir)  # started but no checkpoint yet: start again
     cfg.out, cfg.name = str(run_dir.parent), run_dir.name
-    res = run_experiment(cfg.validate())
-    return res.summary, list(res.records)
+    res = run_experiment(cfg.validate(), on_round=_on_round, on_progress=_on_progress)
+    return res.summary, [dict(r) for r in res.records]
+
+
+def _on_progress(text: str) -> None:
+    """Long setup phases (AutoFLIP's exploration) print their progress lines."""
+    print(f"    {text}", flush=True)
+
+
+def _on_round(rec: RoundRecord) -> None:
+    """Every 10th round prints a short line (accuracy "-" where the round did not evaluate)."""
+    if rec["round"] % 10 == 0:
+        acc = rec.get("test_accuracy")
+        shown = "-" if acc is None else f"{100 * acc:.2f}%"
+        print(
+            f"    round {rec['round']}: accuracy {shown}, sparsity {100 * rec['sparsity']:.1f}%, "
+            f"{rec['round_s']:.1f} s",
+            flush=True,
+        )
 
 
 def _ms(values: Sequence[float | None]) -> tuple[float | None, float | None]:
