@@ -60,6 +60,7 @@ from fedprune.engines.common import (
     RoundCallback,
     RoundRecord,
 )
+from fedprune.engines.references import ENGINE_KEY as REFERENCES_KEY
 from fedprune.engines.references import ReferenceBook, encode_reply
 from fedprune.errors import DecodeError
 from fedprune.methods.base import ClientMethod, ClientReply, ServerMethod
@@ -346,17 +347,6 @@ class InProcessEngine:
             self._pool.join()
             self._pool = None
 
-    def _with_references(self, checkpoint: CheckpointFn | None) -> CheckpointFn | None:
-        """The checkpoint callback with the reference book added to the engine state."""
-        if checkpoint is None:
-            return None
-        inner = checkpoint
-
-        def save(rnd: int, records: list[RoundRecord], state: dict[str, Any]) -> None:
-            inner(rnd, records, {**state, "references": self.references.state_dict()})
-
-        return save
-
     # -- the loop -------------------------------------------------------------------
     def run(
         self,
@@ -385,9 +375,9 @@ class InProcessEngine:
         """
         t_start = time.perf_counter()
         try:
-            checkpoint = self._with_references(checkpoint)
+            checkpoint = self.references.saving(checkpoint)
             if resume is not None:
-                self.references.load_state_dict(resume.engine.get("references"))
+                self.references.load_state_dict(resume.engine.get(REFERENCES_KEY))
             records = self.accounting.start(
                 self.server,
                 self,

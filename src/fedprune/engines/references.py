@@ -11,20 +11,51 @@ client has none (its broadcast is sent in full format).
 The book is engine state: it is saved in checkpoints (:meth:`ReferenceBook.state_dict`,
 the supports as packed bits) so that a resumed run sends exactly the bytes an
 uninterrupted one sends.
+
+An engine whose clients keep their memory themselves (the Flower engine: in a node's
+``context.state``) cannot hand it along with the buffer; both ends then name a support
+set by its :func:`fingerprint`, and the server only encodes against a set whose
+fingerprint its client confirmed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedprune.config import EngineConfig
-from fedprune.core.codec import Payload, Support, encode_payload, supports_of
+from fedprune.core.codec import Payload, References, Support, encode_payload, supports_of
 
-__all__ = ["ReferenceBook", "encode_reply"]
+if TYPE_CHECKING:
+    from fedprune.engines.common import CheckpointFn, RoundRecord
+
+__all__ = ["ENGINE_KEY", "ReferenceBook", "encode_reply", "fingerprint"]
+
+ENGINE_KEY = "references"
+"""Where a checkpoint's engine state keeps the book (the same key on every engine)."""
+
+
+def fingerprint(supports: References) -> str:
+    """A short name of a support set: 32 hex digits of a BLAKE2b digest of every array's
+    name, size and packed bitmask (sorted by name).
+
+    Equal sets have equal fingerprints; different sets collide with probability about
+    2**-128, and a values-only tensor decoded against a colliding set still fails the
+    codec's own count and CRC-32 check.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(supports):
+        s = supports[name]
+        raw = name.encode("utf-8")
+        h.update(len(raw).to_bytes(4, "little"))
+        h.update(raw)
+        h.update(s.numel.to_bytes(8, "little"))
+        h.update(np.packbits(s.mask).tobytes())
+    return h.hexdigest()
 
 
 def encode_reply(reply: Payload, received: Payload, engine: EngineConfig) -> bytes:
@@ -57,7 +88,28 @@ class ReferenceBook:
         received the same broadcast)."""
         self._held[cid] = supports
 
+    def forget(self, cid: int) -> None:
+        """Client ``cid`` holds nothing the server knows of (its next broadcast is sent
+        in full format)."""
+        self._held.pop(cid, None)
+
+    def clients(self) -> list[int]:
+        """The clients with an entry, sorted."""
+        return sorted(self._held)
+
     # -- checkpoints -------------------------------------------------------------------
+    def saving(self, checkpoint: CheckpointFn | None) -> CheckpointFn | None:
+        """``checkpoint`` with this book added to the engine state it saves
+        (under :data:`ENGINE_KEY`)."""
+        if checkpoint is None:
+            return None
+        inner = checkpoint
+
+        def save(rnd: int, records: list[RoundRecord], state: dict[str, Any]) -> None:
+            inner(rnd, records, {**state, ENGINE_KEY: self.state_dict()})
+
+        return save
+
     def state_dict(self) -> dict[str, Any]:
         """A state tree: each distinct support set once (packed bits), and who holds it."""
         sets: list[dict[str, Any]] = []
