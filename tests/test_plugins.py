@@ -139,7 +139,7 @@ def test_plugin_on_the_flower_simulation_engine(tmp_path: Path) -> None:
         FLWR_HOME=str(tmp_path / "flwr"),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
     )
-    # the Flower wire sends full-format tensors: compare with the same format in-process
+    # full-format tensors on both engines (values-only: tests/engines/test_flower_broadcast.py)
     args = ["--method", "oneshot", "--rounds", "3", "--clients", "3", "--quiet",
             "--set", "engine.values_only=false"]  # fmt: skip
     flower = _fedprune(

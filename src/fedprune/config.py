@@ -215,8 +215,7 @@ class EngineConfig:
     )
     values_only: bool = _key(
         True,
-        "send a tensor as its values alone where the receiver holds its support "
-        "(in-process engine)",
+        "send a tensor as its values alone where the receiver holds its support (both engines)",
     )
     compress: bool = _key(
         False, "byte-plane shuffle + zlib on the values of every tensor (lossless, slower)"

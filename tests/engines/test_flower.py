@@ -14,6 +14,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,8 @@ def _partition_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "partition-cache"))
 
 
-# The Flower engine sends every tensor with its support; the in-process engine's
-# values-only messages (engine.values_only) count fewer bytes, so the reference runs
-# compare with them off.
+# Most reference runs here compare with values-only messages (engine.values_only) off:
+# every tensor travels with its support. test_flower_broadcast.py covers them on.
 _FULL = "engine.values_only=false"
 
 
@@ -651,6 +651,23 @@ def test_deployment_fedsparsify_global(deployment: LocalDeployment, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_deployment_values_only_broadcasts(deployment: LocalDeployment, tmp_path: Path) -> None:
+    """Flower's own executor (a new flwr-clientapp process per message): the supports a
+    node holds survive in its context.state, so values-only broadcasts and replies count
+    the in-process engine's bytes."""
+    extra = {"method": "fedsparsify-global", "engine.values_only": True, "federation.rounds": 5}
+    run_dir, ref, cfg = _deployed_vs_inprocess(deployment, tmp_path, "vo", extra)
+    full_engine = replace(cfg.engine, values_only=False)
+    full = run_experiment(replace(cfg, out=str(tmp_path / "full"), engine=full_engine))
+    assert ref.summary["total_bytes_down"] < full.summary["total_bytes_down"]
+    records = rundir.read_metrics(run_dir)
+    for a, b in zip(ref.records, records, strict=True):
+        assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"])
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+    assert len(records) == 5 and not any("failures" in r for r in records)
+
+
+@pytest.mark.slow
 def test_deployment_autostructured(deployment: LocalDeployment, tmp_path: Path) -> None:
     if "autostructured" not in {m.name for m in list_methods()}:
         pytest.skip("the autostructured method is not registered yet")
@@ -681,8 +698,9 @@ def test_deployment_autostructured(deployment: LocalDeployment, tmp_path: Path) 
 @pytest.mark.usefixtures("task_identity")
 def test_values_only_replies_and_schema_on_flower(tmp_path: Path) -> None:
     """With engine.values_only (the default) Flower clients reply values-only against
-    what they received, as in-process clients do, and the strategy decodes each reply
-    against the global model's schema: same results, the same upload bytes."""
+    what they received and receive broadcasts values-only against what they confirmed
+    holding, as in-process clients do, and the strategy decodes each reply against the
+    global model's schema: same results, the same bytes up and down."""
     over = ("engine.values_only=true", "method=fedsparsify-global", "pruning.final_sparsity=0.8")
     ref = run_experiment(_cfg(tmp_path, *over, "name=ref"))
     cfg = _cfg(tmp_path, "engine.name=flower", *over)
@@ -691,6 +709,7 @@ def test_values_only_replies_and_schema_on_flower(tmp_path: Path) -> None:
     records = strategy.run(MemoryGrid(make_client_app(cfg), 4))
     for a, b in zip(ref.records, records, strict=True):
         assert a["bytes_up"] == b["bytes_up"]  # replies: values-only on both engines
+        assert a["bytes_down"] == b["bytes_down"]  # broadcasts too
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
         assert a["sparsity"] == pytest.approx(b["sparsity"], abs=1e-6)
     assert records[-1]["cum_bytes_up"] < records[-1]["cum_dense_bytes_up"]

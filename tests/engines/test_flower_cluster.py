@@ -135,7 +135,7 @@ def test_the_simulation_runs_on_a_ray_cluster(
         "method": "fedsparsify-global",
         "data.num_clients": 4,
         "federation.rounds": 2,
-        "engine.values_only": False,  # the Flower engine sends full tensors
+        "engine.values_only": False,  # full formats (values-only: test_flower_broadcast.py)
     }
     ref = run_experiment(load_config(overrides=[f"out='{tmp_path / 'ref'}'"], values=values))
     cfg = load_config(

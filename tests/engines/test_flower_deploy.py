@@ -47,7 +47,7 @@ SETTINGS: dict[str, Any] = {
     "federation.rounds": 2,
     "data.num_clients": 2,
     "train.local_epochs": 1,
-    # the Flower engine sends full tensors; the in-process reference does the same
+    # full formats on both engines (values-only messages: see the warm executor's test)
     "engine.values_only": False,
 }
 
@@ -242,6 +242,20 @@ def test_a_failing_task_does_not_stop_the_warm_executor(
     assert failed >= failures  # a client can fail in several attempts of a round
     assert all(re.search(r"task \d+ completed", text) for text in new.values())
     assert warm.alive()
+
+
+def test_the_warm_executor_keeps_what_a_node_holds_for_values_only_broadcasts(
+    warm: LocalDeployment, tmp_path: Path
+) -> None:
+    """Values-only messages both ways: the node's context.state (the supports it holds)
+    travels between the SuperNode and the executor with every task, so the bytes down
+    and up are the in-process engine's."""
+    extra = {"engine.values_only": True, "federation.rounds": 5}
+    ref = _inprocess(tmp_path, extra)
+    full = _inprocess(tmp_path / "full", {**extra, "engine.values_only": False})
+    assert ref.summary["total_bytes_down"] < full.summary["total_bytes_down"]
+    run_dir = _deployed(warm, tmp_path, "warm-values-only", extra)
+    _same_run(run_dir, ref.records, ref.model.state_dict())
 
 
 def _exec_log(dep: LocalDeployment, i: int) -> str:

@@ -399,11 +399,15 @@ class RoundAccounting:
                 checkpoint(rec["round"], records, state)
 
     # -- bytes ------------------------------------------------------------------------
-    def count_down(self, task: str, lengths: Iterable[int]) -> None:
-        """Count server-to-client buffers (one length per delivered message)."""
+    def count_down(self, task: str, lengths: Iterable[int], *, dense: bool = True) -> None:
+        """Count server-to-client buffers (one length per delivered message).
+
+        ``dense=False``: messages a dense run would not send either (a message sent
+        again), not added to the dense reference traffic.
+        """
         sizes = list(lengths)
-        dense = self.dense_message_bytes if task == "fit" else 0
-        self.traffic.add(down=sum(sizes), dense_down=dense * len(sizes))
+        per = self.dense_message_bytes if task == "fit" and dense else 0
+        self.traffic.add(down=sum(sizes), dense_down=per * len(sizes))
 
     def count_up(self, task: str, lengths: Iterable[int]) -> None:
         """Count client-to-server buffers (one length per reply)."""

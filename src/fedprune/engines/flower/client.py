@@ -8,6 +8,13 @@ cached partition, :mod:`~fedprune.engines.flower.partitions`; the simulation eng
 :class:`FactoryClientBuilder` around the run's own federation loader and client factory),
 which keeps the engine below ``fedprune.experiment`` in the layering.
 
+With ``engine.values_only`` a ``train`` task keeps the supports of the broadcast it
+decoded in the node's ``context.state`` (which Flower carries from message to message of
+a run, also across the fresh processes of a SuperNode) and names them in its reply, so
+that the next broadcast can travel values-only against them; a broadcast against
+supports the node does not hold is refused, never decoded against the wrong ones
+(:func:`_decode_broadcast`; docs/flower.md, "Values-only broadcasts").
+
 A deployment SuperNode starts a fresh process for every message (Flower's default
 executor), so this module keeps that start lean: importing it loads Flower's app API
 and fedprune's config, not torch; a ``query`` is answered without torch; torch, the
@@ -27,13 +34,20 @@ from flwr.clientapp import ClientApp
 from fedprune.config import RunConfig, config_from_dict, config_to_dict
 from fedprune.engines.flower.runconfig import config_from_run_config
 from fedprune.engines.flower.wire import (
+    HOLDS,
     NODE_KEY,
     NUM_PARTITIONS,
     PARTITION_ID,
+    REFERENCE,
     FlowerEngineError,
+    config_field,
+    held_fingerprint,
+    refusal_content,
+    store_held,
 )
 
 if TYPE_CHECKING:
+    from fedprune.core.codec import Payload
     from fedprune.data.federation import ClientData, Federation
     from fedprune.methods.base import ClientMethod
 
@@ -155,6 +169,35 @@ def _remember(context: Context, pid: int, task: str, group: str) -> None:
     )
 
 
+def _decode_broadcast(msg: Message, context: Context) -> tuple[str, Payload] | RecordDict:
+    """Decode a ``train`` message: ``(task, payload)``, or the content of a refusal.
+
+    A broadcast that names a ``reference`` (values-only against the supports the server
+    believes this node holds) is decoded against the supports in ``context.state`` only
+    if they have that fingerprint; if they do not (a node that restarted, a resumed
+    server, a state that was not saved), or if decoding against them fails anyway, the
+    node refuses instead of guessing, and the strategy sends the payload again in full
+    format. A full-format broadcast that does not decode raises (the reply is an error).
+    """
+    from fedprune.engines.flower.wire import decode_content, load_held
+    from fedprune.errors import DecodeError
+
+    want = config_field(msg.content, REFERENCE)
+    task = config_field(msg.content, "task") or ""
+    if want is None:
+        task, payload, _ = decode_content(msg.content)
+        return task, payload
+    held = load_held(context.state)
+    holds = held[0] if held is not None else None
+    if held is None or holds != want:
+        return refusal_content(task, f"holds {holds or 'nothing'}, not {want}", holds)
+    try:
+        task, payload, _ = decode_content(msg.content, references=held[1])
+    except DecodeError as e:
+        return refusal_content(task, f"undecodable against {want}: {e}", holds)
+    return task, payload
+
+
 def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> ClientApp:
     """The fedprune ClientApp.
 
@@ -180,6 +223,9 @@ def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> Clien
         info: dict[str, Any] = {PARTITION_ID: pid}
         if num is not None:
             info[NUM_PARTITIONS] = num
+        holds = held_fingerprint(context.state)
+        if holds is not None:  # what a resumed server may send values-only against
+            info[HOLDS] = holds
         return Message(RecordDict({NODE_KEY: ConfigRecord(info)}), reply_to=msg)
 
     @app.train()
@@ -195,21 +241,28 @@ def make_client_app(build: ClientBuilder, cfg: RunConfig | None = None) -> Clien
         if pid >= clients:
             raise FlowerEngineError(f"{PARTITION_ID}={pid} is out of range: {clients} clients")
         # torch, the codec and the method: first needed here (a query never loads them)
+        from fedprune.core.codec import supports_of
         from fedprune.engines.common import FAIL_TASK, InjectedFailure
-        from fedprune.engines.flower.wire import decode_content, encode_for_flower, make_content
+        from fedprune.engines.flower.wire import encode_for_flower, make_content
+        from fedprune.engines.references import fingerprint
 
         node = _node_runtime(cfg, pid, build)
-        task, payload, _ = decode_content(msg.content)
+        got = _decode_broadcast(msg, context)
+        if isinstance(got, RecordDict):  # a values-only broadcast this node cannot decode
+            return Message(got, reply_to=msg)
+        task, payload = got
         if task == FAIL_TASK:
             raise InjectedFailure(f"injected failure (engine.fail_rate={cfg.engine.fail_rate})")
         reply = node.client.run_task(task, payload, node.data)
         # replies are encoded as in the in-process engine (engines.references.encode_reply:
         # values-only against what this client received; fp16 applies to downloads)
-        from fedprune.core.codec import supports_of
-
-        refs = supports_of(payload.arrays) if cfg.engine.values_only else None
-        encoded = encode_for_flower(reply, references=refs, compress=cfg.engine.compress)
-        content = make_content(encoded, task)
+        received = supports_of(payload.arrays) if cfg.engine.values_only else None
+        encoded = encode_for_flower(reply, references=received, compress=cfg.engine.compress)
+        holds = None
+        if received is not None:  # this node now holds what it received: say which
+            holds = fingerprint(received)
+            store_held(context.state, received, holds)
+        content = make_content(encoded, task, holds=holds)
         _remember(context, pid, task, msg.metadata.group_id)
         return Message(content, reply_to=msg)
 

@@ -13,6 +13,19 @@ simulation runtime sets both). Before round 1 the strategy sends every node a
 (:meth:`FedpruneStrategy.discover`). Sampling is the in-process engine's
 (:meth:`~fedprune.engines.common.RoundAccounting.draw`), so both engines train the same
 clients in the same rounds.
+
+With ``engine.values_only`` a broadcast tensor travels values-only against the supports
+its client holds, as in the in-process engine
+(:class:`~fedprune.engines.references.ReferenceBook`, saved in checkpoints), but only
+against supports the client *confirmed*: each ``train`` reply names the fingerprint of
+what its node now holds (kept in the node's ``context.state``), and a client's entry is
+committed only when that fingerprint is the one of what it was sent; a reply that names
+something else removes the entry (the next broadcast is full format). A resumed run
+restores the book and keeps only the entries whose nodes say, in discovery, that they
+still hold them. A node that receives a broadcast against supports it does not hold
+refuses it (:func:`~fedprune.engines.flower.wire.refusal_content`) and is sent the same
+payload again in full format, once, in the same attempt: results never depend on what a
+node remembers, only the bytes do.
 """
 
 from __future__ import annotations
@@ -45,16 +58,21 @@ from fedprune.engines.common import (
 from fedprune.engines.flower.grid import PollingGrid
 from fedprune.engines.flower.runconfig import FlowerOptions
 from fedprune.engines.flower.wire import (
+    HOLDS,
     NODE_KEY,
     NUM_PARTITIONS,
     PARTITION_ID,
+    REFUSED,
     EncodedPayload,
     FlowerEngineError,
+    config_field,
     content_nbytes,
     decode_content,
     encode_for_flower,
     make_content,
 )
+from fedprune.engines.references import ENGINE_KEY as REFERENCES_KEY
+from fedprune.engines.references import ReferenceBook, fingerprint
 from fedprune.errors import DecodeError
 from fedprune.methods.base import ClientReply, ServerMethod
 
@@ -127,7 +145,13 @@ class FedpruneStrategy(Strategy):
         self.num_clients = len(fed.clients)
         self.accounting = RoundAccounting(cfg, fed, server.model)
         self.resume = resume
-        self.checkpoint = checkpoint
+        self.references = ReferenceBook()
+        """Per client, the supports of the last broadcast it confirmed holding."""
+        self._held_fp: dict[int, str] = {}
+        """Fingerprints of the book's entries."""
+        if resume is not None:
+            self._load_references(resume.engine.get(REFERENCES_KEY))
+        self.checkpoint = self.references.saving(checkpoint)
         self.on_progress = on_progress
         self.parallel = parallel
         self.records: list[RoundRecord] = []
@@ -145,6 +169,11 @@ class FedpruneStrategy(Strategy):
         self._sent: dict[int, dict[str, Support]] = {}
         """Supports of the last payload each client was sent (what its reply may be
         values-only against)."""
+        self._sent_fp: dict[int, str] = {}
+        self._pending: dict[int, tuple[Payload, str, str]] = {}
+        """Per client of the last messages: ``(payload, task, group)`` (for a resend)."""
+        self.resent = 0
+        """Broadcasts sent again in full format after a refusal."""
 
     # -- Flower Strategy --------------------------------------------------------------
     def summary(self) -> None:
@@ -311,6 +340,7 @@ class FedpruneStrategy(Strategy):
             for node in node_ids
         ]
         node_of: dict[int, int] = {}
+        holds: dict[int, str | None] = {}
         for reply in grid.send_and_receive(query, timeout=self.options.node_wait):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -335,6 +365,8 @@ class FedpruneStrategy(Strategy):
                     f"SuperNodes {node_of[pid]} and {node} both have {PARTITION_ID}={pid}"
                 )
             node_of[pid] = node
+            held = info.get(HOLDS) if isinstance(info, ConfigRecord) else None
+            holds[pid] = held if isinstance(held, str) else None
         missing = sorted(set(range(n)) - set(node_of))
         if missing:
             raise FlowerEngineError(
@@ -344,7 +376,47 @@ class FedpruneStrategy(Strategy):
             )
         self.node_of = node_of
         self._cid_of = {node: cid for cid, node in node_of.items()}
+        self._reconcile(holds)
         return node_of
+
+    # -- references (values-only broadcasts) ------------------------------------------
+    def _load_references(self, state: Mapping[str, Any] | None) -> None:
+        """Restore the book from a checkpoint's engine state (discovery then keeps only
+        the entries that the nodes confirm)."""
+        self.references.load_state_dict(state)
+        fps: dict[int, str] = {}
+        for cid in self.references.clients():
+            held = self.references.of(cid)
+            assert held is not None
+            if id(held) not in fps:
+                fps[id(held)] = fingerprint(held)
+            self._held_fp[cid] = fps[id(held)]
+
+    def _reconcile(self, holds: Mapping[int, str | None]) -> None:
+        """Keep a client's entry only if its node holds those supports (a resumed run:
+        nodes of a new run, or that restarted, hold other supports or none)."""
+        book = self.references.clients()
+        for cid in book:
+            if holds.get(cid) != self._held_fp.get(cid):
+                self._forget(cid)
+        if book:
+            _LOG.info(
+                "fedprune: %d of %d client(s) still hold the supports the checkpoint says",
+                len(self.references),
+                len(book),
+            )
+
+    def _commit(self, cid: int, holds: str | None) -> None:
+        """A reply from ``cid`` says its node holds the supports ``holds``."""
+        if holds is not None and holds == self._sent_fp.get(cid):
+            self.references.commit(cid, self._sent[cid])
+            self._held_fp[cid] = holds
+        elif holds is None or holds != self._held_fp.get(cid):
+            self._forget(cid)
+
+    def _forget(self, cid: int) -> None:
+        self.references.forget(cid)
+        self._held_fp.pop(cid, None)
 
     # -- helpers ----------------------------------------------------------------------
     def _messages(
@@ -354,26 +426,36 @@ class FedpruneStrategy(Strategy):
         group: str,
         fail: frozenset[int] = frozenset(),
     ) -> list[Message]:
-        """One message per client (clients in ``fail`` get :data:`FAIL_TASK`)."""
+        """One message per client (clients in ``fail`` get :data:`FAIL_TASK`), values-only
+        against the supports each client confirmed holding (``engine.values_only``)."""
         eng = self.cfg.engine
-        cache: dict[int, EncodedPayload] = {}
-        supports: dict[int, dict[str, Support]] = {}
+        cache: dict[tuple[int, int], EncodedPayload] = {}
+        supports: dict[int, tuple[dict[str, Support], str]] = {}
         messages: list[Message] = []
         sizes: list[int] = []
+        self._pending = {}
         for cid, p in payloads.items():
-            enc = cache.get(id(p))
-            if enc is None:  # the same broadcast payload is encoded once
-                enc = cache[id(p)] = encode_for_flower(
-                    p, fp16=eng.fp16, wire_dtype=eng.wire_dtype, compress=eng.compress
-                )
-                # what the client will hold: its reply may be values-only against it
-                supports[id(p)] = supports_of(p.arrays, fp16=eng.fp16, wire_dtype=eng.wire_dtype)
-            self._sent[cid] = supports[id(p)]
             if cid not in self.node_of:
                 raise FlowerEngineError(f"client {cid} has no SuperNode")
+            held = self.references.of(cid) if eng.values_only else None
+            key = (id(p), id(held))
+            enc = cache.get(key)
+            if enc is None:  # a payload is encoded once per distinct reference
+                enc = cache[key] = encode_for_flower(
+                    p, fp16=eng.fp16, wire_dtype=eng.wire_dtype, references=held,
+                    compress=eng.compress,
+                )  # fmt: skip
+            if id(p) not in supports:
+                # what the client will hold: its reply may be values-only against it
+                sent = supports_of(p.arrays, fp16=eng.fp16, wire_dtype=eng.wire_dtype)
+                supports[id(p)] = (sent, fingerprint(sent) if eng.values_only else "")
+            self._sent[cid], self._sent_fp[cid] = supports[id(p)]
+            sent_task = FAIL_TASK if cid in fail else task
+            self._pending[cid] = (p, sent_task, group)
+            reference = self._held_fp[cid] if held is not None else None
             messages.append(
                 Message(
-                    make_content(enc, FAIL_TASK if cid in fail else task),
+                    make_content(enc, sent_task, reference=reference),
                     dst_node_id=self.node_of[cid],
                     message_type=MessageType.TRAIN,
                     group_id=group,
@@ -383,14 +465,70 @@ class FedpruneStrategy(Strategy):
         self.accounting.count_down(task, sizes)
         return messages
 
+    def _resend_in_full(self, task: str, cids: list[int]) -> list[Message]:
+        """The messages of ``cids`` again, in full format (their nodes refused the
+        values-only ones); counted as sent, not as extra dense traffic."""
+        eng = self.cfg.engine
+        pending = self._pending
+        cache: dict[int, EncodedPayload] = {}
+        messages: list[Message] = []
+        sizes: list[int] = []
+        for cid in cids:
+            p, sent_task, group = pending[cid]
+            enc = cache.get(id(p))
+            if enc is None:
+                enc = cache[id(p)] = encode_for_flower(
+                    p, fp16=eng.fp16, wire_dtype=eng.wire_dtype, compress=eng.compress
+                )
+            messages.append(
+                Message(
+                    make_content(enc, sent_task),
+                    dst_node_id=self.node_of[cid],
+                    message_type=MessageType.TRAIN,
+                    group_id=group,
+                )
+            )
+            sizes.append(enc.nbytes)
+        self.accounting.count_down(task, sizes, dense=False)
+        self.resent += len(messages)
+        return messages
+
     def _decode_replies(
         self, task: str, replies: Iterable[Message], expected: list[int]
     ) -> list[ClientReply]:
-        """Decoded replies sorted by client id; drops (with reasons) in ``self._drops``."""
+        """Decoded replies sorted by client id; drops (with reasons) in ``self._drops``.
+
+        Clients that refused a values-only broadcast are sent it again in full format
+        (once) and their replies to that are decoded with the others.
+        """
         self._drops = {}
-        out: list[ClientReply] = []
         sizes: list[int] = []
+        out, refused = self._decode_some(task, replies, expected, sizes)
+        if refused and self._grid is not None:
+            again = self._grid.send_and_receive(
+                self._resend_in_full(task, refused), timeout=self.options.round_timeout
+            )
+            more, still = self._decode_some(task, again, refused, sizes)
+            out += more
+            for cid in still:
+                self._drop(cid, "refused a full-format message")
+        else:
+            for cid in refused:
+                self._drop(cid, "refused a values-only message (no grid to resend on)")
+        for cid in sorted(set(expected) - {r.cid for r in out} - set(self._drops)):
+            self._drop(cid, "no reply within flower.round-timeout")
+        self.accounting.count_up(task, sizes)
+        return sorted(out, key=lambda r: r.cid)
+
+    def _decode_some(
+        self, task: str, replies: Iterable[Message], expected: list[int], sizes: list[int]
+    ) -> tuple[list[ClientReply], list[int]]:
+        """Decode replies from ``expected`` clients (sizes appended to ``sizes``, drops
+        in ``self._drops``); also the clients that refused their broadcast, sorted."""
+        out: list[ClientReply] = []
+        refused: list[int] = []
         expect = reply_schema(self.server.model.state_dict(), task)
+        values_only = self.cfg.engine.values_only
         for msg in replies:
             cid = self._cid_of.get(msg.metadata.src_node_id)
             if cid is None or cid not in expected:
@@ -399,7 +537,15 @@ class FedpruneStrategy(Strategy):
             if msg.has_error():
                 self._drop(cid, f"the client failed: {msg.error.reason}")
                 continue
-            refs = self._sent.get(cid) if self.cfg.engine.values_only else None
+            why = config_field(msg.content, REFUSED)
+            if why is not None:
+                self._forget(cid)
+                _LOG.info("fedprune: client %d refused a values-only message (%s)", cid, why)
+                refused.append(cid)
+                continue
+            if values_only:  # the client replied: it holds what it says it holds
+                self._commit(cid, config_field(msg.content, HOLDS))
+            refs = self._sent.get(cid) if values_only else None
             try:  # against the global model's schema: nothing forged is allocated
                 got, payload, nbytes = decode_content(msg.content, expect=expect, references=refs)
             except DecodeError as e:
@@ -411,10 +557,7 @@ class FedpruneStrategy(Strategy):
                 self._drop(cid, f"reply to task {got!r}, expected {task!r}")
                 continue
             out.append(ClientReply(cid, payload))
-        for cid in sorted(set(expected) - {r.cid for r in out} - set(self._drops)):
-            self._drop(cid, "no reply within flower.round-timeout")
-        self.accounting.count_up(task, sizes)
-        return sorted(out, key=lambda r: r.cid)
+        return out, sorted(refused)
 
     def _drop(self, cid: int, reason: str) -> None:
         self._drops[cid] = reason

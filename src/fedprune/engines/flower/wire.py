@@ -33,6 +33,16 @@ without it, a buffer can make the decoder allocate at most
 supports the receiver holds, against which values-only tensors decode
 (:func:`encode_for_flower` makes them when given the receiver's references).
 
+**Values-only broadcasts.** A ClientApp keeps the supports of the last broadcast it
+decoded in its node's ``context.state`` (:data:`HELD_KEY`: :func:`store_held`,
+:func:`load_held`), which Flower keeps per node and run across messages, and names them
+by their :func:`~fedprune.engines.references.fingerprint`: ``holds`` in the config of
+every ``train`` reply and of its discovery reply. A broadcast encoded against a support
+set names that set's fingerprint (``reference`` in its config). A node that does not
+hold it, or cannot decode against it, does not guess: it answers with a refusal
+(:func:`refusal_content`; ``refused`` in the config, no arrays), and the strategy sends
+that client the same payload again in full format.
+
 One ``Array`` per tensor, rather than the whole buffer in one ``Array``, keeps the
 message readable with Flower's tools (names, shapes, dtypes, per-tensor sizes), lets
 Flower's object store deduplicate and chunk tensors individually, and costs nothing:
@@ -56,21 +66,30 @@ from fedprune.errors import DecodeError, FedpruneError
 if TYPE_CHECKING:
     import torch
 
-    from fedprune.core.codec import Payload, References, Schema
+    from fedprune.core.codec import Payload, References, Schema, Support
 
 __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
+    "HELD_KEY",
+    "HOLDS",
     "NODE_KEY",
     "NUM_PARTITIONS",
     "PARTITION_ID",
+    "REFERENCE",
+    "REFUSED",
     "STYPE",
     "EncodedPayload",
     "FlowerEngineError",
+    "config_field",
     "content_nbytes",
     "decode_content",
     "encode_for_flower",
+    "held_fingerprint",
+    "load_held",
     "make_content",
+    "refusal_content",
+    "store_held",
 ]
 
 STYPE = "fedprune.codec.v1"
@@ -81,6 +100,17 @@ NODE_KEY = "fedprune.node"
 """``ConfigRecord`` of a discovery ``query`` and its reply (and of a node's state)."""
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+HELD_KEY = "fedprune.held"
+"""``ConfigRecord`` in a node's ``context.state``: the supports of the last broadcast its
+ClientApp decoded (``fingerprint``, and per array ``names``, ``numel``, ``bits``)."""
+REFERENCE = "reference"
+"""Config field of a broadcast: the fingerprint of the supports it is encoded against
+(absent: a full-format broadcast)."""
+HOLDS = "holds"
+"""Config field of a reply (``train`` and discovery): the fingerprint of the supports the
+node holds now (absent: none)."""
+REFUSED = "refused"
+"""Config field of a refusal: why the node did not decode a values-only broadcast."""
 
 
 class FlowerEngineError(FedpruneError, RuntimeError):
@@ -140,8 +170,19 @@ def encode_for_flower(
     return EncodedPayload(parts.head, parts.header.decode("utf-8"), arrays, len(buf))
 
 
-def make_content(enc: EncodedPayload, task: str) -> RecordDict:
-    """A message's content for one encoded payload (new record objects per message)."""
+def make_content(
+    enc: EncodedPayload,
+    task: str,
+    *,
+    reference: str | None = None,
+    holds: str | None = None,
+) -> RecordDict:
+    """A message's content for one encoded payload (new record objects per message).
+
+    ``reference``: the fingerprint of the supports a broadcast is encoded against;
+    ``holds``: the fingerprint of the supports a replying node holds. Neither is part of
+    the codec buffer (not counted, like the task name).
+    """
     arrays = ArrayRecord(
         {
             name: Array(dtype=dtype, shape=shape, stype=STYPE, data=data)
@@ -149,7 +190,89 @@ def make_content(enc: EncodedPayload, task: str) -> RecordDict:
         }
     )
     config = ConfigRecord({"task": task, "head": enc.head, "header": enc.header})
+    if reference is not None:
+        config[REFERENCE] = reference
+    if holds is not None:
+        config[HOLDS] = holds
     return RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+
+
+def refusal_content(task: str, reason: str, holds: str | None) -> RecordDict:
+    """A node's answer to a values-only broadcast it cannot decode: no payload, the
+    reason and the fingerprint of what it holds (the strategy resends in full format)."""
+    config = ConfigRecord({"task": task, REFUSED: reason})
+    if holds is not None:
+        config[HOLDS] = holds
+    return RecordDict({CONFIG_KEY: config})
+
+
+def config_field(content: RecordDict, key: str) -> str | None:
+    """A string field of a message's fedprune config record (``None``: absent, or not a
+    string)."""
+    config = content.get(CONFIG_KEY)
+    value = config.get(key) if isinstance(config, ConfigRecord) else None
+    return value if isinstance(value, str) else None
+
+
+# -- what a node holds: the supports of the last broadcast it decoded ------------------
+
+
+def held_fingerprint(state: RecordDict) -> str | None:
+    """The fingerprint of the supports a node's ``context.state`` holds (``None``: none).
+    Reads the record only (no torch: a discovery ``query`` answers with it)."""
+    rec = state.get(HELD_KEY)
+    fp = rec.get("fingerprint") if isinstance(rec, ConfigRecord) else None
+    return fp if isinstance(fp, str) else None
+
+
+def store_held(state: RecordDict, supports: References, fp: str) -> None:
+    """Keep ``supports`` (with their fingerprint ``fp``) in a node's ``context.state``,
+    replacing what it held: one packed bitmask per array."""
+    import numpy as np
+
+    names = list(supports)
+    state[HELD_KEY] = ConfigRecord(
+        {
+            "fingerprint": fp,
+            "names": names,
+            "numel": [supports[n].numel for n in names],
+            "bits": [np.packbits(supports[n].mask).tobytes() for n in names],
+        }
+    )
+
+
+def load_held(state: RecordDict) -> tuple[str, dict[str, Support]] | None:
+    """The supports a node's ``context.state`` holds and their fingerprint, or ``None``
+    when it holds none or the record does not agree with its own fingerprint (a damaged
+    record is never used as a reference)."""
+    import numpy as np
+
+    from fedprune.core.codec import Support
+    from fedprune.engines.references import fingerprint
+
+    rec = state.get(HELD_KEY)
+    if not isinstance(rec, ConfigRecord):
+        return None
+    fp, names, numel, bits = (rec.get(k) for k in ("fingerprint", "names", "numel", "bits"))
+    if not (
+        isinstance(fp, str)
+        and isinstance(names, list)
+        and isinstance(numel, list)
+        and isinstance(bits, list)
+        and len(names) == len(numel) == len(bits)
+    ):
+        return None
+    held: dict[str, Support] = {}
+    for name, n, b in zip(names, numel, bits, strict=True):
+        if not isinstance(name, str) or not isinstance(b, bytes):
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 8 * len(b) < n + 8:
+            return None
+        mask = np.unpackbits(np.frombuffer(b, dtype=np.uint8), count=n).view(np.bool_)
+        held[name] = Support(mask)
+    if fingerprint(held) != fp:
+        return None
+    return fp, held
 
 
 def content_nbytes(content: RecordDict) -> int:
