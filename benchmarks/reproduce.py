@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt
 from _common import load_average, machine
 from fedprune.config import RunConfig, load_config
 from fedprune.engines.common import RoundRecord
-from fedprune.experiment import resume_experiment, run_experiment
+from fedprune.experiment import load_federation, resume_experiment, run_experiment
 from fedprune.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +298,38 @@ def _on_round(rec: RoundRecord) -> None:
         )
 
 
+def training_flops(
+    cfg: RunConfig, summary: dict[str, Any], records: Sequence[dict[str, Any]]
+) -> tuple[float, float]:
+    """FLOPs the clients spent: ``(rounds, setup)``.
+
+    Rounds: over every round and sampled client, training samples × local epochs × 3 ×
+    the forward FLOPs of the model the round trained (weighted by weight density where
+    the mask is enforced; AutoFLIP's authors'-code mode trains dense, so its dense FLOPs).
+    Setup: AutoFLIP's exploration and (authors' code) pre-training sample-epochs × 3 ×
+    the dense initial model's forward FLOPs. "× 3" is the usual forward + backward
+    estimate; the same factor on both sides of a comparison.
+    """
+    fed = load_federation(cfg)
+    sizes = [int(c.x_train.shape[0]) for c in fed.clients]
+    dense_mask = cfg.method == "autoflip" and cfg.autoflip.compat == "authors-code"
+    rounds = 0.0
+    for r in records:
+        mm = r.get("method_metrics") or {}
+        per_sample = (
+            float(mm.get("train_flops", r["flops"]))
+            if dense_mask
+            else float(mm.get("train_effective_flops", r["effective_flops"]))
+        )
+        samples = sum(sizes[c] for c in r["sampled"]) * cfg.train.local_epochs
+        rounds += 3.0 * samples * per_sample
+    first = (records[0].get("method_metrics") or {}) if records else {}
+    sample_epochs = float(first.get("explore_sample_epochs", 0.0)) + float(
+        first.get("pretrain_sample_epochs", 0.0)
+    )
+    return rounds, 3.0 * float(summary["dense_flops"]) * sample_epochs
+
+
 def _ms(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
@@ -324,11 +356,15 @@ def summarise(
         if not per:
             continue
         refs = [runs.get((fedavg.get(v.group, ""), s)) for s in seeds if (v.label, s) in runs]
-        gap, comm = [], []
+        gap, comm, work, work_rounds = [], [], [], []
         for (s, _), ref in zip(per, refs, strict=True):
             if ref is None:
                 continue
             gap.append(100 * (s["final_accuracy"] - ref[0]["final_accuracy"]))
+            if "train_flops_rounds" in s and "train_flops_rounds" in ref[0]:
+                base = ref[0]["train_flops_rounds"] + ref[0]["train_flops_setup"]
+                work.append(1 - (s["train_flops_rounds"] + s["train_flops_setup"]) / base)
+                work_rounds.append(1 - s["train_flops_rounds"] / base)
             mine = s["total_bytes_up"] + s["total_bytes_down"]
             theirs = ref[0]["total_bytes_up"] + ref[0]["total_bytes_down"]
             comm.append(theirs / mine)
@@ -347,6 +383,8 @@ def summarise(
         row["ort_speedup"], row["ort_speedup_std"] = _ms(
             [s["latency"]["speedup"] if "latency" in s else None for s, _ in per]
         )
+        row["train_compute_cut"], row["train_compute_cut_std"] = _ms(work)
+        row["train_compute_cut_rounds"], row["train_compute_cut_rounds_std"] = _ms(work_rounds)
         row["gap_pt"], row["gap_pt_std"] = _ms(gap)
         row["comm_x"], row["comm_x_std"] = _ms(comm)
         row["wall_s"], _ = _ms([s.get("wall_s") for s, _ in per])
@@ -375,6 +413,8 @@ def markdown(rows: Sequence[dict[str, Any]], claim: Claim | None = None) -> str:
         cols += ["params cut %", "FLOPs cut %"]
     if claim is not None and claim.latency:
         cols.append("ORT speed-up")
+    if claim is not None and claim.explore:
+        cols += ["training compute cut % (rounds only)", "training compute cut % (with setup)"]
     cols += ["MB up+down", "comm × vs FedAvg"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
@@ -392,6 +432,11 @@ def markdown(rows: Sequence[dict[str, Any]], claim: Claim | None = None) -> str:
             cells.append(_pm(r["flops_cut"], r["flops_cut_std"], 100, 1))
         if claim is not None and claim.latency:
             cells.append(_pm(r["ort_speedup"], r["ort_speedup_std"]))
+        if claim is not None and claim.explore:
+            cells.append(
+                _pm(r["train_compute_cut_rounds"], r["train_compute_cut_rounds_std"], 100, 1)
+            )
+            cells.append(_pm(r["train_compute_cut"], r["train_compute_cut_std"], 100, 1))
         cells += [_pm(r["mb"], r["mb_std"], 1, 1), _pm(r["comm_x"], r["comm_x_std"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -472,6 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
             runs[(v.label, seed)] = run_one(cfg, rd, args.resume, claim.latency)
+            if claim.explore:
+                summary, recs = runs[(v.label, seed)]
+                summary["train_flops_rounds"], summary["train_flops_setup"] = training_flops(
+                    cfg, summary, recs
+                )
             configs[v.label] = {"config": v.config or claim.config, "overrides": list(v.overrides)}
     rows = summarise(claim, runs)
     command = "python benchmarks/reproduce.py " + " ".join(
