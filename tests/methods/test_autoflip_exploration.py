@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_autoflip import _cfg, _data
 
 from fedprune.checkpoint import CHECKPOINT, load_checkpoint
 from fedprune.cli import main
@@ -72,31 +73,13 @@ class RecordingIO:
         return out
 
 
-def _data(cid: int, n: int = 24) -> ClientData:
-    g = torch.Generator().manual_seed(100 + cid)
-    x = torch.randn(n, *FC.input_shape, generator=g)
-    y = torch.randint(0, FC.num_classes, (n,), generator=g)
-    return ClientData(cid=cid, x_train=x, y_train=y, x_test=None, y_test=None)
-
-
 def _unit_cfg(*extra: str) -> RunConfig:
-    return load_config(
-        overrides=[
-            "method='autoflip'",
-            "train.optimizer='adam'",
-            "train.lr=0.01",
-            "train.batch_size=8",
-            "autoflip.explore_epochs=3",
-            "autoflip.explore_patience=2",
-            "autoflip.structured=false",
-            *extra,
-        ]
-    )
+    return _cfg("autoflip.structured=false", *extra)
 
 
 def _server(cfg: RunConfig, clients: int = 5) -> tuple[AutoFlipServer, RecordingIO]:
     server = AutoFlipServer(cfg, FC, FC.build(seed=0))
-    return server, RecordingIO(AutoFlipClient(cfg, FC), [_data(c) for c in range(clients)])
+    return server, RecordingIO(AutoFlipClient(cfg, FC), [_data(c, FC) for c in range(clients)])
 
 
 # ------------------------------------------------------------------ groups and progress
