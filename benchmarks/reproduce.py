@@ -304,23 +304,19 @@ def training_flops(
     """FLOPs the clients spent: ``(rounds, setup)``.
 
     Rounds: over every round and sampled client, training samples × local epochs × 3 ×
-    the forward FLOPs of the model the round trained (weighted by weight density where
-    the mask is enforced; AutoFLIP's authors'-code mode trains dense, so its dense FLOPs).
+    the forward FLOPs of the model the round trained, weighted by its weight density (the
+    share of non-zero weights: masked ones, and in AutoFLIP's authors'-code mode the ones
+    that stay exactly zero because no gradient reaches them).
     Setup: AutoFLIP's exploration and (authors' code) pre-training sample-epochs × 3 ×
     the dense initial model's forward FLOPs. "× 3" is the usual forward + backward
     estimate; the same factor on both sides of a comparison.
     """
     fed = load_federation(cfg)
     sizes = [int(c.x_train.shape[0]) for c in fed.clients]
-    dense_mask = cfg.method == "autoflip" and cfg.autoflip.compat == "authors-code"
     rounds = 0.0
     for r in records:
         mm = r.get("method_metrics") or {}
-        per_sample = (
-            float(mm.get("train_flops", r["flops"]))
-            if dense_mask
-            else float(mm.get("train_effective_flops", r["effective_flops"]))
-        )
+        per_sample = float(mm.get("train_effective_flops", r["effective_flops"]))
         samples = sum(sizes[c] for c in r["sampled"]) * cfg.train.local_epochs
         rounds += 3.0 * samples * per_sample
     first = (records[0].get("method_metrics") or {}) if records else {}
