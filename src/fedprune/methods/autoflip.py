@@ -81,7 +81,9 @@ samples x epochs run; ``explore_failed`` when explorers did not reply).
   each step costs the weights down and up.
 - *No structured step*; the mask is applied to the pre-trained model once and *not
   enforced* (§2.7.3): clients train dense (``mask = "none"``), the server keeps no mask,
-  refresh and regrowth do nothing, pruned weights regrow after the first local update.
+  refresh and regrowth do nothing; pruned weights regrow once a gradient reaches them
+  (a filter zeroed whole with its bias never does: ReLU's gradient at 0 is 0;
+  docs/autoflip.md).
   ``pretrain_clients``, ``pretrain_sample_epochs`` and ``initial_mask_sparsity`` are
   reported in round 1.
 """
