@@ -442,6 +442,7 @@ def plot(
     claim: Claim,
     runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]],
     out: Path,
+    stem: str,
 ) -> Path:
     """Accuracy against round and against cumulative MB, one line per variant (seed 1st)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -466,7 +467,7 @@ def plot(
     a2.legend(fontsize=7)
     fig.suptitle(f"{claim.name}: {claim.claim}", fontsize=9)
     fig.tight_layout()
-    path = out / f"{claim.name}.png"
+    path = out / f"{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -484,6 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", dest="extra", action="append", default=[], help="key=value for every run"
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--tag",
+        default="",
+        help="write CLAIM-TAG.json/.png (a subset of the runs) instead of CLAIM.json/.png",
+    )
     args = p.parse_args(argv)
     if args.list or args.claim is None:
         for c in CLAIMS.values():
@@ -523,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/reproduce.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
-    png = plot(claim, runs, out)
+    stem = claim.name + (f"-{_slug(args.tag)}" if args.tag else "")
+    png = plot(claim, runs, out, stem)
     payload = {
         "claim": claim.name,
         "paper": claim.paper,
@@ -548,10 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for (label, seed), (_s, recs) in runs.items()
         },
     }
-    (out / f"{claim.name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     print(f"\n{claim.name} at scale {args.scale:g} of the paper's rounds, seeds {seeds}:")
     print(markdown(rows, claim))
-    print(f"\nwritten: {out / (claim.name + '.json')}, {png}")
+    print(f"\nwritten: {out / (stem + '.json')}, {png}")
     return 0
 
 
