@@ -1,0 +1,97 @@
+"""benchmarks/reproduce.py: every claim's configuration loads, scaling touches only rounds
+(and AutoFLIP's exploration), and the table's figures are computed from the runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def rp() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("reproduce")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _records(accs: dict[int, float | None], rounds: int) -> list[dict[str, Any]]:
+    return [{"round": r, "test_accuracy": accs.get(r)} for r in range(1, rounds + 1)]
+
+
+def _summary(acc: float, up: int, down: int = 0) -> dict[str, Any]:
+    return {
+        "final_accuracy": acc,
+        "best_accuracy": acc,
+        "final_sparsity": 0.0,
+        "final_nonzero_params": 10,
+        "final_params": 10,
+        "dense_params": 10,
+        "final_effective_flops": 5.0,
+        "dense_flops": 10.0,
+        "total_bytes_up": up,
+        "total_bytes_down": down,
+    }
+
+
+def test_tail_accuracy_averages_the_last_tenth(rp: ModuleType) -> None:
+    every = {r: r / 1000 for r in range(1, 201)}
+    # 200 rounds evaluated every round: rounds 181..200.
+    assert rp.tail_accuracy(_records(every, 200)) == pytest.approx(sum(range(181, 201)) / 20 / 1000)
+    # Evaluated at rounds 10 and 20 of 20: only the final evaluation is in the last tenth.
+    assert rp.tail_accuracy(_records({10: 0.2, 20: 0.6}, 20)) == pytest.approx(0.6)
+    # Every 5 rounds out of 100: rounds 95 and 100.
+    sparse = {r: r / 100 for r in range(5, 101, 5)}
+    assert rp.tail_accuracy(_records(sparse, 100)) == pytest.approx((0.95 + 1.0) / 2)
+    assert rp.tail_accuracy(_records({}, 5)) is None
+
+
+def test_summarise_compares_each_seed_with_its_own_fedavg(rp: ModuleType) -> None:
+    claim = rp.Claim(
+        "toy",
+        "paper",
+        "claim",
+        "configs/fedsparsify-fmnist-10c-noniid.toml",
+        (rp.Variant("fedavg", ()), rp.Variant("pruned", ())),
+    )
+    runs = {
+        ("fedavg", 0): (_summary(0.80, 300, 100), _records({10: 0.70, 20: 0.80}, 20)),
+        ("fedavg", 1): (_summary(0.90, 300, 100), _records({10: 0.70, 20: 0.90}, 20)),
+        ("pruned", 0): (_summary(0.78, 100, 100), _records({10: 0.60, 20: 0.78}, 20)),
+        ("pruned", 1): (_summary(0.86, 100, 100), _records({10: 0.60, 20: 0.86}, 20)),
+    }
+    rows = {r["variant"]: r for r in rp.summarise(claim, runs)}
+    pruned = rows["pruned"]
+    assert pruned["seeds"] == 2
+    assert pruned["gap_pt"] == pytest.approx(-3.0)  # (-2 + -4) / 2
+    assert pruned["tail_gap_pt"] == pytest.approx(-3.0)
+    assert pruned["comm_x"] == pytest.approx(2.0)
+    assert pruned["flops_cut"] == pytest.approx(0.5)
+    assert rows["fedavg"]["gap_pt"] == pytest.approx(0.0)
+    table = rp.markdown(list(rows.values()))
+    assert "last-10% vs FedAvg (pt)" in table.splitlines()[0]
+    assert "| pruned | 2 | 82.00 ± 5.66 |" in table
+
+
+def test_every_claim_loads_and_scales_only_rounds(rp: ModuleType) -> None:
+    for claim in rp.CLAIMS.values():
+        for v in claim.variants:
+            full = rp.run_config(claim, v, 3, 1.0, [])
+            tenth = rp.run_config(claim, v, 3, 0.1, [])
+            assert tenth.seed == full.seed == 3
+            assert tenth.federation.rounds == max(1, round(full.federation.rounds * 0.1))
+            assert tenth.model == full.model and tenth.data == full.data
+            assert tenth.train == full.train
+            if claim.explore and full.method == "autoflip":
+                assert tenth.autoflip.explore_epochs == round(full.autoflip.explore_epochs / 10)
+            else:
+                assert tenth.autoflip == full.autoflip
