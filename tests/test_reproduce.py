@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +24,7 @@ def rp() -> Iterator[ModuleType]:
         sys.path.remove(str(BENCH))
 
 
-def _records(accs: dict[int, float | None], rounds: int) -> list[dict[str, Any]]:
+def _records(accs: Mapping[int, float | None], rounds: int) -> list[dict[str, Any]]:
     return [{"round": r, "test_accuracy": accs.get(r)} for r in range(1, rounds + 1)]
 
 
@@ -95,3 +95,36 @@ def test_every_claim_loads_and_scales_only_rounds(rp: ModuleType) -> None:
                 assert tenth.autoflip.explore_epochs == round(full.autoflip.explore_epochs / 10)
             else:
                 assert tenth.autoflip == full.autoflip
+
+
+@pytest.fixture(scope="module")
+def cg() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("curve_gap")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleType) -> None:
+    def curve(accs: list[float | None], sparsity: float = 0.0) -> list[dict[str, Any]]:
+        return [
+            {"round": i + 1, "acc": a, "sparsity": sparsity * (i + 1) / len(accs)}
+            for i, a in enumerate(accs)
+        ]
+
+    curves = {
+        "IID fedavg seed 0": curve([0.5, 0.6, 0.7, 0.8]),
+        "IID fedavg seed 1": curve([0.5, 0.6, 0.7, 0.9]),
+        "IID global 0.9 seed 0": curve([0.5, 0.6, 0.6, 0.7], 0.9),
+        "IID global 0.9 seed 1": curve([0.5, None, 0.6, 0.7], 0.9),
+        "non-IID fedavg seed 0": curve([0.1, 0.1, 0.1, 0.1]),
+    }
+    rows = {(r["variant"], r["rounds"]): r for r in cg.window_gaps(curves, 2)}
+    first, second = rows[("IID global 0.9", "1-2")], rows[("IID global 0.9", "3-4")]
+    assert first["gap"] == pytest.approx(0.0)
+    # Seed 0: (-0.1 - 0.1) / 2 = -10 pt; seed 1: (-0.1 - 0.2) / 2 = -15 pt.
+    assert second["gap"] == pytest.approx(-12.5)
+    assert second["sparsity"] == pytest.approx(90.0)
+    assert rows[("non-IID fedavg", "3-4")]["gap"] == pytest.approx(0.0)
+    assert "| IID global 0.9 | 3-4 | 2 |" in cg.markdown(list(rows.values()))

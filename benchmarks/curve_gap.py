@@ -1,0 +1,120 @@
+"""Where along a run does a variant fall behind FedAvg? Windowed accuracy gaps from a
+reproduction's JSON.
+
+    python benchmarks/curve_gap.py benchmarks/results/reproduction/CLAIM/CLAIM.json \
+        [--windows 4]
+
+The rounds are cut into equal windows. For every variant and window it prints the mean
+test accuracy over the evaluations in that window, the gap to the FedAvg run of the same
+seed (same evaluation rounds), as mean ± std over seeds, and the variant's sparsity at
+the window's last round. Single evaluations on pathological non-IID splits swing by many
+points; window means show when a gap opens (e.g. as the sparsity schedule nears its
+target) and whether it closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_KEY = re.compile(r"^(?P<label>.*) seed (?P<seed>\d+)$")
+
+
+def _fedavg_label(label: str, labels: Sequence[str]) -> str | None:
+    """The FedAvg variant a label compares with: same group prefix (e.g. "non-IID")."""
+    candidates = [x for x in labels if "fedavg" in x]
+    for c in candidates:
+        group = c.split("fedavg")[0]
+        if label.startswith(group):
+            return c
+    return None
+
+
+def window_gaps(curves: dict[str, list[dict[str, Any]]], windows: int) -> list[dict[str, Any]]:
+    """One row per (variant, window): mean accuracy, gap to FedAvg (same seed), sparsity."""
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for key, pts in curves.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise SystemExit(f"curve key {key!r} is not 'LABEL seed N'")
+        runs.setdefault(m["label"], {})[int(m["seed"])] = pts
+    labels = list(runs)
+    last = max(p["round"] for per in runs.values() for pts in per.values() for p in pts)
+    edges = [round(last * i / windows) for i in range(windows + 1)]
+    rows = []
+    for label in labels:
+        ref_label = _fedavg_label(label, labels)
+        for lo, hi in itertools.pairwise(edges):
+            accs, gaps, spars = [], [], []
+            for seed, pts in sorted(runs[label].items()):
+                mine = {p["round"]: p for p in pts if lo < p["round"] <= hi}
+                evald = {r: p["acc"] for r, p in mine.items() if p.get("acc") is not None}
+                if not evald:
+                    continue
+                accs.append(statistics.fmean(evald.values()))
+                if mine:
+                    spars.append(mine[max(mine)].get("sparsity", 0.0))
+                ref = runs.get(ref_label or "", {}).get(seed)
+                if ref is None:
+                    continue
+                theirs = {p["round"]: p["acc"] for p in ref if p.get("acc") is not None}
+                common = sorted(set(evald) & set(theirs))
+                if common:
+                    gaps.append(100 * statistics.fmean(evald[r] - theirs[r] for r in common))
+            if not accs:
+                continue
+            rows.append(
+                {
+                    "variant": label,
+                    "rounds": f"{lo + 1}-{hi}",
+                    "seeds": len(accs),
+                    "acc": 100 * statistics.fmean(accs),
+                    "gap": statistics.fmean(gaps) if gaps else None,
+                    "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
+                    "sparsity": 100 * statistics.fmean(spars) if spars else None,
+                }
+            )
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | rounds | seeds | mean acc % | vs FedAvg (pt) | sparsity at end % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
+        if r["gap_std"] is not None:
+            gap += f" ± {r['gap_std']:.2f}"
+        sp = "—" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
+        lines.append(
+            f"| {r['variant']} | {r['rounds']} | {r['seeds']} | {r['acc']:.2f} | {gap} | {sp} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("result", type=Path, help="a CLAIM.json written by reproduce.py")
+    p.add_argument("--windows", type=int, default=4, help="equal windows of rounds (default 4)")
+    args = p.parse_args(argv)
+    if args.windows < 1:
+        p.error("--windows must be at least 1")
+    try:
+        curves = json.loads(args.result.read_text())["curves"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read curves from {args.result}: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(window_gaps(curves, args.windows)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
