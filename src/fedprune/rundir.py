@@ -116,7 +116,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a run directory."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise UserInputError(f"{str(path)!r} not found: is {str(run_dir)!r} a run directory?")
+        # The file's name leads: a long folder path is elided in the middle of the line.
+        raise UserInputError(f"{METRICS} not found in {str(path.parent)!r}: not a run directory?")
     out = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -131,7 +132,8 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; a missing or malformed file is a one-line user error
     that says what the folder was expected to be (``what``)."""
     if not path.is_file():
-        raise UserInputError(f"{str(path)!r} not found: is {str(path.parent)!r} {what}?")
+        # The file's name leads: a long folder path is elided in the middle of the line.
+        raise UserInputError(f"{path.name} not found in {str(path.parent)!r}: is it {what}?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
