@@ -15,13 +15,18 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def rp() -> Iterator[ModuleType]:
+def _bench_module(name: str) -> Iterator[ModuleType]:
+    """Import ``benchmarks/<name>.py`` (and its ``_common`` sibling) for one module's tests."""
     sys.path.insert(0, str(BENCH))
     try:
-        yield importlib.import_module("reproduce")
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def rp() -> Iterator[ModuleType]:
+    yield from _bench_module("reproduce")
 
 
 def _records(accs: Mapping[int, float | None], rounds: int) -> list[dict[str, Any]]:
@@ -99,11 +104,7 @@ def test_every_claim_loads_and_scales_only_rounds(rp: ModuleType) -> None:
 
 @pytest.fixture(scope="module")
 def cg() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("curve_gap")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from _bench_module("curve_gap")
 
 
 def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleType) -> None:
