@@ -20,25 +20,22 @@ import json
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from reproduce import CLAIMS, fedavg_reference
 
 _KEY = re.compile(r"^(?P<label>.*) seed (?P<seed>\d+)$")
 
 
-def _fedavg_label(label: str, labels: Sequence[str]) -> str | None:
-    """The FedAvg variant a label compares with: same group prefix (e.g. "non-IID")."""
-    candidates = [x for x in labels if "fedavg" in x]
-    for c in candidates:
-        group = c.split("fedavg")[0]
-        if label.startswith(group):
-            return c
-    return None
+def window_gaps(
+    curves: dict[str, list[dict[str, Any]]], windows: int, reference: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """One row per (variant, window): mean accuracy, gap to FedAvg (same seed), sparsity.
 
-
-def window_gaps(curves: dict[str, list[dict[str, Any]]], windows: int) -> list[dict[str, Any]]:
-    """One row per (variant, window): mean accuracy, gap to FedAvg (same seed), sparsity."""
+    ``reference`` maps a variant's label to its FedAvg variant's (``reproduce.fedavg_reference``).
+    """
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for key, pts in curves.items():
         m = _KEY.match(key)
@@ -50,7 +47,7 @@ def window_gaps(curves: dict[str, list[dict[str, Any]]], windows: int) -> list[d
     edges = [round(last * i / windows) for i in range(windows + 1)]
     rows = []
     for label in labels:
-        ref_label = _fedavg_label(label, labels)
+        ref_label = reference.get(label)
         for lo, hi in itertools.pairwise(edges):
             accs, gaps, spars = [], [], []
             for seed, pts in sorted(runs[label].items()):
@@ -59,8 +56,7 @@ def window_gaps(curves: dict[str, list[dict[str, Any]]], windows: int) -> list[d
                 if not evald:
                     continue
                 accs.append(statistics.fmean(evald.values()))
-                if mine:
-                    spars.append(mine[max(mine)].get("sparsity", 0.0))
+                spars.append(mine[max(mine)].get("sparsity", 0.0))
                 ref = runs.get(ref_label or "", {}).get(seed)
                 if ref is None:
                     continue
@@ -108,11 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.windows < 1:
         p.error("--windows must be at least 1")
     try:
-        curves = json.loads(args.result.read_text())["curves"]
+        result = json.loads(args.result.read_text())
+        curves, claim = result["curves"], CLAIMS[result["claim"]]
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read curves from {args.result}: {exc}", file=sys.stderr)
+        print(f"error: cannot read a claim's curves from {args.result}: {exc}", file=sys.stderr)
         return 2
-    print(markdown(window_gaps(curves, args.windows)))
+    print(markdown(window_gaps(curves, args.windows, fedavg_reference(claim))))
     return 0
 
 

@@ -356,7 +356,13 @@ def tail_accuracy(records: Sequence[dict[str, Any]], share: float = 0.1) -> floa
         return None
     last = max(rnd for rnd, _ in evals)
     start = last - max(1, math.ceil(share * last))
-    return statistics.fmean(acc for rnd, acc in evals if rnd > start or rnd == last)
+    return statistics.fmean(acc for rnd, acc in evals if rnd > start)
+
+
+def fedavg_reference(claim: Claim) -> dict[str, str]:
+    """Each variant's label -> the label of the FedAvg variant of its group it compares with."""
+    fedavg = {v.group: v.label for v in claim.variants if "fedavg" in v.label}
+    return {v.label: fedavg[v.group] for v in claim.variants if v.group in fedavg}
 
 
 def summarise(
@@ -365,12 +371,12 @@ def summarise(
     """One row per variant: means and standard deviations over seeds."""
     rows = []
     seeds = sorted({s for _, s in runs})
-    fedavg = {v.group: v.label for v in claim.variants if "fedavg" in v.label}
+    reference = fedavg_reference(claim)
     for v in claim.variants:
         per = [runs[(v.label, s)] for s in seeds if (v.label, s) in runs]
         if not per:
             continue
-        refs = [runs.get((fedavg.get(v.group, ""), s)) for s in seeds if (v.label, s) in runs]
+        refs = [runs.get((reference.get(v.label, ""), s)) for s in seeds if (v.label, s) in runs]
         gap, tail_gap, comm, work, work_rounds = [], [], [], [], []
         for (s, recs), ref in zip(per, refs, strict=True):
             if ref is None:

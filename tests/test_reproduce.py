@@ -121,7 +121,12 @@ def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleTy
         "IID global 0.9 seed 1": curve([0.5, None, 0.6, 0.7], 0.9),
         "non-IID fedavg seed 0": curve([0.1, 0.1, 0.1, 0.1]),
     }
-    rows = {(r["variant"], r["rounds"]): r for r in cg.window_gaps(curves, 2)}
+    reference = {
+        "IID fedavg": "IID fedavg",
+        "IID global 0.9": "IID fedavg",
+        "non-IID fedavg": "non-IID fedavg",
+    }
+    rows = {(r["variant"], r["rounds"]): r for r in cg.window_gaps(curves, 2, reference)}
     first, second = rows[("IID global 0.9", "1-2")], rows[("IID global 0.9", "3-4")]
     assert first["gap"] == pytest.approx(0.0)
     # Seed 0: (-0.1 - 0.1) / 2 = -10 pt; seed 1: (-0.1 - 0.2) / 2 = -15 pt.
