@@ -160,6 +160,12 @@ class PruningConfig:
     initial_sparsity: float = _key(0.0, "s_0 of the schedule (<= final_sparsity)", ge=0, lt=1)
     start_round: int = _key(1, "t_0: first pruning round", ge=1, le=_BIG)
     frequency: int = _key(1, "prune every f rounds", ge=1, le=_BIG)
+    end_round: int = _key(
+        0,
+        "`polynomial`: round T at which s_F is reached and then held (0 = the last round)",
+        ge=0,
+        le=_BIG,
+    )
     exponent: float = _key(3.0, "e of the polynomial schedule", gt=0, le=100)
     schedule: str = _key(
         "polynomial",
@@ -355,6 +361,12 @@ class RunConfig:
             p.initial_sparsity <= p.final_sparsity,
             "pruning.initial_sparsity",
             "must be <= pruning.final_sparsity",
+        )
+        _check(
+            p.end_round == 0 or p.start_round <= p.end_round <= self.federation.rounds,
+            "pruning.end_round",
+            f"is {p.end_round} but must be 0 or between pruning.start_round "
+            f"({p.start_round}) and federation.rounds ({self.federation.rounds})",
         )
         return self
 

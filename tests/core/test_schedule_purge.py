@@ -34,6 +34,33 @@ def test_schedule_before_start_and_initial_sparsity() -> None:
     assert s.sparsity(3) == pytest.approx(0.5)
 
 
+def test_polynomial_schedule_end_round_reaches_final_early_and_holds() -> None:
+    full = Schedule(final_sparsity=0.9, total=200, exponent=3)
+    early = Schedule(final_sparsity=0.9, total=200, exponent=3, end_round=151)
+    # the same curve compressed into rounds 1..151: midway is round 76, not round 100.5
+    assert early.sparsity(76) == pytest.approx(0.9 - 0.9 * 0.125)
+    assert early.sparsity(76) > full.sparsity(76)
+    assert early.sparsity(150) < 0.9
+    assert early.sparsity(151) == early.sparsity(200) == pytest.approx(0.9)
+    assert full.sparsity(151) < 0.9
+    assert early.prunes_at(151) and early.prunes_at(152)
+    vals = early.values()
+    assert all(b >= a for a, b in itertools.pairwise(vals))
+    with pytest.raises(ValueError, match="end_round"):
+        Schedule(final_sparsity=0.9, total=10, end_round=11)
+
+
+def test_end_round_is_checked_against_the_rounds() -> None:
+    from fedprune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"pruning.end_round is 30 .*federation.rounds \(20\)"):
+        load_config(overrides=["federation.rounds=20", "pruning.end_round=30"])
+    with pytest.raises(ConfigError, match=r"pruning\.end_round"):
+        load_config(overrides=["pruning.start_round=5", "pruning.end_round=4"])
+    cfg = load_config(overrides=["federation.rounds=20", "pruning.end_round=15"])
+    assert cfg.pruning.end_round == 15
+
+
 def test_nnz_rate_schedule() -> None:
     s = Schedule(final_sparsity=0.99, total=50, schedule="nnz_rate", nnz_rate=0.1, frequency=2)
     assert s.sparsity(1) == pytest.approx(0.1)
@@ -97,7 +124,12 @@ def test_schedule_fields_are_the_pruning_keys() -> None:
     names = {f.name for f in fields(Schedule)} - {"total"}
     assert names <= {f.name for f in fields(PruningConfig)}
     cfg = load_config(
-        overrides=["pruning.final_sparsity=0.7", "pruning.start_round=3", "federation.rounds=9"]
+        overrides=[
+            "pruning.final_sparsity=0.7",
+            "pruning.start_round=3",
+            "federation.rounds=9",
+            "pruning.end_round=8",
+        ]
     )
     s = schedule_from_config(cfg)
-    assert (s.final_sparsity, s.start_round, s.total) == (0.7, 3, 9)
+    assert (s.final_sparsity, s.start_round, s.total, s.end_round) == (0.7, 3, 9, 8)

@@ -5,7 +5,9 @@
     s_t = s_F + (s_0 - s_F) * (1 - (t~ - t0) / (T - t0)) ** e,   t~ = floor(t / f) * f
 
 held between pruning rounds (every ``f`` rounds), clamped so that ``t~ < t0`` gives
-``s_0``, and equal to ``s_F`` from round ``T`` on. ``e = 3`` is the paper's cubic
+``s_0``, and equal to ``s_F`` from round ``T`` on. ``T`` is the last round of the run
+unless ``end_round`` sets it earlier (Zhu & Gupta's ``t0 + n*dt``), which leaves the
+rounds after it to train the final mask. ``e = 3`` is the paper's cubic
 default; larger ``e`` prunes more aggressively early.
 
 ``nnz_rate`` (FedSparsify v1): every ``f`` rounds from ``t0`` remove a fraction ``r`` of
@@ -42,12 +44,16 @@ class Schedule:
     exponent: float = 3.0
     schedule: str = "polynomial"
     nnz_rate: float = 0.02
+    end_round: int = 0
+    """Round from which the polynomial schedule holds ``s_F`` (0: ``total``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.initial_sparsity <= self.final_sparsity < 1:
             raise ValueError("need 0 <= initial <= final < 1")
         if self.total < 1 or self.start_round < 1 or self.frequency < 1:
             raise ValueError("total, start and frequency must be >= 1")
+        if self.end_round and not self.start_round <= self.end_round <= self.total:
+            raise ValueError("need start_round <= end_round <= total (or end_round 0)")
         if self.schedule not in ("polynomial", "nnz_rate"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
 
@@ -58,10 +64,11 @@ class Schedule:
         if self.schedule == "nnz_rate":
             events = (t - self.start_round) // self.frequency + 1
             return min(self.final_sparsity, 1.0 - (1.0 - self.nnz_rate) ** events)
-        if t >= self.total:
+        end = self.end_round or self.total
+        if t >= end:
             return self.final_sparsity
         t_tilde = (t // self.frequency) * self.frequency
-        span = self.total - self.start_round
+        span = end - self.start_round
         frac = 0.0 if span <= 0 else min(1.0, max(0.0, (t_tilde - self.start_round) / span))
         return (
             self.final_sparsity
@@ -74,7 +81,9 @@ class Schedule:
             return False
         if self.schedule == "nnz_rate":
             return (t - self.start_round) % self.frequency == 0
-        return t >= self.total or t % self.frequency == 0 or self.frequency == 1
+        if t >= (self.end_round or self.total):
+            return True
+        return t % self.frequency == 0 or self.frequency == 1
 
     def values(self) -> list[float]:
         """``sparsity(t)`` for t = 1..total."""
