@@ -1,7 +1,7 @@
 """Reproduce a paper's headline experiment: one command per claim, resumable.
 
     FEDPRUNE_DATA=/work/shared/data python benchmarks/reproduce.py CLAIM \
-        [--seeds 0,1,2] [--scale 0.1] [--resume] [--workers 2] [--set key=value ...]
+        [--seeds 0,1,2] [--scale 0.1] [--resume | --report-only] [--set key=value ...]
     python benchmarks/reproduce.py --list
 
 A claim is a set of variants (method and settings) run on the paper's own setting (the
@@ -11,7 +11,11 @@ exploration epochs), never the model, the data set or the split; the scale is wr
 next to every figure. Each run is an ordinary run directory under
 ``benchmarks/results/reproduction/CLAIM/runs/`` (not committed); with ``--resume`` a
 finished run is read back, an interrupted one continues from its checkpoint, and a new
-one starts. The command writes ``CLAIM.json`` (every figure, how it was measured) and
+one starts; ``--report-only`` only reads finished runs and never starts one (to build a
+combined table from runs made by several commands). A run directory made with other
+settings than the ones asked for (rounds, seed, method keys...; where and how it ran,
+``out``, ``name``, ``engine.*`` and ``flower.*``, may differ) is refused rather than
+mixed into a table. The command writes ``CLAIM.json`` (every figure, how it was measured) and
 ``CLAIM.png`` (accuracy against rounds and against MB communicated) to
 ``benchmarks/results/reproduction/CLAIM/`` and prints the Markdown table rows that
 ``REPRODUCTION.md`` quotes.
@@ -48,7 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from _common import load_average, machine
-from fedprune.config import RunConfig, load_config
+from fedprune.config import RunConfig, config_to_dict, load_config
 from fedprune.engines.common import RoundRecord
 from fedprune.experiment import load_federation, resume_experiment, run_experiment
 from fedprune.rundir import read_metrics
@@ -263,6 +267,44 @@ def run_one(
     return summary, records
 
 
+_HOW_NOT_WHAT = ("out", "name", "engine.", "flower.")
+"""Keys that say where and how a run executes, not what it computes."""
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_mismatch(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """The keys whose value in ``run_dir``'s ``config.toml`` differs from ``cfg``'s, as
+    ``key: stored != wanted`` (empty when the directory holds no config yet)."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return []
+    stored = _flat(config_to_dict(load_config(path)))
+    wanted = _flat(config_to_dict(cfg))
+    return [
+        f"{k}: {stored.get(k)!r} != {wanted.get(k)!r}"
+        for k in sorted(stored.keys() | wanted.keys())
+        if not k.startswith(_HOW_NOT_WHAT) and stored.get(k) != wanted.get(k)
+    ]
+
+
+def _check_same(cfg: RunConfig, run_dir: Path) -> None:
+    diff = config_mismatch(run_dir, cfg)
+    if diff:
+        shown = "; ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+        raise SystemExit(
+            f"{run_dir} was run with other settings ({shown}); use another --out or remove it"
+        )
+
+
 def _run_or_read(
     cfg: RunConfig, run_dir: Path, resume: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -270,9 +312,11 @@ def _run_or_read(
     if summary.is_file():
         if not resume:
             raise SystemExit(f"{run_dir} exists; pass --resume to reuse it")
+        _check_same(cfg, run_dir)
         return json.loads(summary.read_text()), read_metrics(run_dir)
     if run_dir.exists():
         if resume and (run_dir / "checkpoint.safetensors").is_file():
+            _check_same(cfg, run_dir)
             res = resume_experiment(run_dir, on_round=_on_round, on_progress=_on_progress)
             return res.summary, [dict(r) for r in res.records]
         if not resume:
@@ -513,7 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the claims and their runs")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--scale", type=float, default=1.0, help="share of the paper's rounds")
-    p.add_argument("--resume", action="store_true", help="reuse and continue run directories")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="reuse and continue run directories")
+    mode.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only read finished runs (never start or continue one); list those left out",
+    )
     p.add_argument("--variants", default="", help="comma-separated variant labels: only these")
     p.add_argument(
         "--set", dest="extra", action="append", default=[], help="key=value for every run"
@@ -542,23 +592,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     configs: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
     t0 = time.perf_counter()
     for seed in seeds:
         for v in variants:
             cfg = run_config(claim, v, seed, args.scale, args.extra)
             rd = out / "runs" / f"{_slug(v.label)}-seed{seed}"
+            if args.report_only and not (rd / "summary.json").is_file():
+                print(f"not finished, left out: {v.label}, seed {seed} ({rd})", flush=True)
+                missing.append(f"{v.label} seed {seed}")
+                continue
             print(
                 f"[{time.perf_counter() - t0:7.0f} s] {v.label}, seed {seed}: "
                 f"{cfg.federation.rounds} rounds -> {rd}",
                 flush=True,
             )
-            runs[(v.label, seed)] = run_one(cfg, rd, args.resume, claim.latency)
+            runs[(v.label, seed)] = run_one(cfg, rd, args.resume or args.report_only, claim.latency)
             if claim.explore:
                 summary, recs = runs[(v.label, seed)]
                 summary["train_flops_rounds"], summary["train_flops_setup"] = training_flops(
                     cfg, summary, recs
                 )
             configs[v.label] = {"config": v.config or claim.config, "overrides": list(v.overrides)}
+    if not runs:
+        raise SystemExit(f"no finished runs of {claim.name} under {out / 'runs'}")
     rows = summarise(claim, runs)
     command = "python benchmarks/reproduce.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
@@ -574,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "machine": machine(),
         "load_average_at_end": load_average(),
+        "left_out": missing,
         "variants": configs,
         "rows": rows,
         "curves": {

@@ -134,3 +134,49 @@ def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleTy
     assert second["sparsity"] == pytest.approx(90.0)
     assert rows[("non-IID fedavg", "3-4")]["gap"] == pytest.approx(0.0)
     assert "| IID global 0.9 | 3-4 | 2 |" in cg.markdown(list(rows.values()))
+
+
+def _fake_run(run_dir: Path, cfg: Any, acc: float, up: int) -> None:
+    """A finished run directory as ``run_experiment`` leaves it (config, summary, metrics)."""
+    import json
+
+    from fedprune.config import config_to_toml
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+    summary = {**_summary(acc, up), "wall_s": 1.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    rec = {"round": 1, "test_accuracy": acc, "sparsity": 0.0, "cum_bytes_up": up}
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({**rec, "cum_bytes_down": 0}) + "\n", encoding="utf-8"
+    )
+
+
+def test_report_only_reads_finished_runs_and_refuses_other_settings(
+    rp: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    claim = rp.CLAIMS["fedsparsify-fmnist-100c"]
+    fedavg, glob, _local = claim.variants
+    runs = tmp_path / claim.name / "runs"
+    argv = [claim.name, "--scale", "0.5", "--seeds", "0", "--out", str(tmp_path)]
+    _fake_run(runs / "fedavg-seed0", rp.run_config(claim, fedavg, 0, 0.5, []), 0.8, 300)
+    # engine keys say how a run executed, not what it computed: they may differ
+    cohort = rp.run_config(claim, glob, 0, 0.5, ["engine.cohort=on"])
+    _fake_run(runs / "global-0.9-seed0", cohort, 0.7, 100)
+    assert rp.main([*argv, "--report-only"]) == 0  # local 0.9 has no run: left out
+    out = capsys.readouterr().out
+    assert "not finished, left out: local 0.9, seed 0" in out
+    payload = json.loads((tmp_path / claim.name / f"{claim.name}.json").read_text())
+    assert payload["left_out"] == ["local 0.9 seed 0"]
+    assert [r["variant"] for r in payload["rows"]] == ["fedavg", "global 0.9"]
+    assert payload["rows"][1]["comm_x"] == pytest.approx(3.0)
+    assert not (runs / "local-0.9-seed0").exists(), "--report-only never starts a run"
+
+    # the same directories asked for at another scale: refused, naming the key
+    with pytest.raises(SystemExit, match=r"federation\.rounds: 100 != 200"):
+        rp.main([*argv[:2], "1", *argv[3:], "--report-only", "--variants", "fedavg"])
+    assert rp.config_mismatch(runs / "global-0.9-seed0", cohort) == []
+    with pytest.raises(SystemExit, match="no finished runs"):
+        rp.main([*argv, "--report-only", "--variants", "local 0.9"])
