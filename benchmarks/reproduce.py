@@ -52,7 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from _common import load_average, machine
-from fedprune.config import RunConfig, config_to_dict, load_config
+from fedprune.config import RunConfig, config_to_flat, load_config
 from fedprune.engines.common import RoundRecord
 from fedprune.experiment import load_federation, resume_experiment, run_experiment
 from fedprune.rundir import read_metrics
@@ -271,24 +271,14 @@ _HOW_NOT_WHAT = ("out", "name", "engine.", "flower.")
 """Keys that say where and how a run executes, not what it computes."""
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_mismatch(run_dir: Path, cfg: RunConfig) -> list[str]:
     """The keys whose value in ``run_dir``'s ``config.toml`` differs from ``cfg``'s, as
     ``key: stored != wanted`` (empty when the directory holds no config yet)."""
     path = run_dir / "config.toml"
     if not path.is_file():
         return []
-    stored = _flat(config_to_dict(load_config(path)))
-    wanted = _flat(config_to_dict(cfg))
+    stored = config_to_flat(load_config(path))
+    wanted = config_to_flat(cfg)
     return [
         f"{k}: {stored.get(k)!r} != {wanted.get(k)!r}"
         for k in sorted(stored.keys() | wanted.keys())

@@ -592,6 +592,21 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def config_to_flat(cfg: RunConfig) -> dict[str, Any]:
+    """The configuration as dotted keys (``pruning.final_sparsity``) and their values."""
+
+    def flatten(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                out.update(flatten(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return flatten(config_to_dict(cfg), "")
+
+
 def config_to_toml(cfg: RunConfig) -> str:
     """The fully resolved configuration as TOML text (what ``config.toml`` holds)."""
     return tomli_w.dumps(config_to_dict(cfg))

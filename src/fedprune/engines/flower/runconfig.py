@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedprune import registry
-from fedprune.config import RunConfig, config_from_dict, config_to_dict
+from fedprune.config import RunConfig, config_from_dict, config_to_flat
 from fedprune.errors import ConfigError, elide
 
 __all__ = [
@@ -45,20 +45,10 @@ class FlowerOptions:
     imported by every ServerApp and ClientApp process before the config is read."""
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_config_from_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
     """A config as Flower run-config values (dotted keys; ``flower.plugins`` names the
     module of a plugin method so that client processes can import it)."""
-    out = _flatten(config_to_dict(cfg))
+    out = config_to_flat(cfg)
     plugins = registry.plugin_modules(cfg.method)
     if plugins:
         out[_FLOWER_PREFIX + "plugins"] = ",".join(plugins)
