@@ -180,3 +180,37 @@ def test_report_only_reads_finished_runs_and_refuses_other_settings(
     assert rp.config_mismatch(runs / "global-0.9-seed0", cohort) == []
     with pytest.raises(SystemExit, match="no finished runs"):
         rp.main([*argv, "--report-only", "--variants", "local 0.9"])
+
+
+@pytest.fixture(scope="module")
+def pc() -> Iterator[ModuleType]:
+    yield from _bench_module("per_class")
+
+
+def test_per_class_accuracy_of_a_finished_run(
+    pc: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from fedprune.config import load_config
+    from fedprune.data.datasets import load_dataset
+    from fedprune.experiment import run_experiment
+
+    cfg = load_config(
+        overrides=[f"out='{tmp_path}'", "name='r'", "method='fedsparsify-global'"],
+        values={"data.num_clients": 4, "federation.rounds": 2, "pruning.final_sparsity": 0.5},
+    )
+    res = run_experiment(cfg)
+    acc, classes = pc.per_class_accuracy(tmp_path / "r")
+    assert acc == pytest.approx(res.summary["final_accuracy"], abs=1e-6)
+    y = torch.as_tensor(load_dataset("digits").test.y)
+    counts = torch.bincount(y, minlength=10).tolist()
+    assert len(classes) == 10
+    # the per-class figures are the overall one split by label
+    assert sum(c * n for c, n in zip(classes, counts, strict=True)) / sum(counts) == (
+        pytest.approx(acc)
+    )
+    assert pc.main([str(tmp_path / "r")]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {tmp_path / 'r'} | {100 * acc:.2f} | ")
+    assert row.count("|") == 13
