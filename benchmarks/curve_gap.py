@@ -6,10 +6,11 @@ reproduction's JSON.
 
 The rounds are cut into equal windows. For every variant and window it prints the mean
 test accuracy over the evaluations in that window, the gap to the FedAvg run of the same
-seed (same evaluation rounds), as mean ± std over seeds, and the variant's sparsity at
-the window's last round. Single evaluations on pathological non-IID splits swing by many
-points; window means show when a gap opens (e.g. as the sparsity schedule nears its
-target) and whether it closes.
+seed (same evaluation rounds), as mean ± std over seeds, the swing (the mean absolute
+change in accuracy from one evaluation to the next inside the window, in points, mean
+over seeds), and the variant's sparsity at the window's last round. Single evaluations
+on pathological non-IID splits swing by many points; window means show when a gap opens
+(e.g. as the sparsity schedule nears its target) and whether it closes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ _KEY = re.compile(r"^(?P<label>.*) seed (?P<seed>\d+)$")
 def window_gaps(
     curves: dict[str, list[dict[str, Any]]], windows: int, reference: Mapping[str, str]
 ) -> list[dict[str, Any]]:
-    """One row per (variant, window): mean accuracy, gap to FedAvg (same seed), sparsity.
+    """One row per (variant, window): mean accuracy, gap to FedAvg (same seed), swing
+    between consecutive evaluations, sparsity.
 
     ``reference`` maps a variant's label to its FedAvg variant's (``reproduce.fedavg_reference``).
     """
@@ -49,13 +51,18 @@ def window_gaps(
     for label in labels:
         ref_label = reference.get(label)
         for lo, hi in itertools.pairwise(edges):
-            accs, gaps, spars = [], [], []
+            accs, gaps, spars, swings = [], [], [], []
             for seed, pts in sorted(runs[label].items()):
                 mine = {p["round"]: p for p in pts if lo < p["round"] <= hi}
                 evald = {r: p["acc"] for r, p in mine.items() if p.get("acc") is not None}
                 if not evald:
                     continue
                 accs.append(statistics.fmean(evald.values()))
+                seq = [evald[r] for r in sorted(evald)]
+                if len(seq) > 1:
+                    swings.append(
+                        100 * statistics.fmean(abs(b - a) for a, b in itertools.pairwise(seq))
+                    )
                 spars.append(mine[max(mine)].get("sparsity", 0.0))
                 ref = runs.get(ref_label or "", {}).get(seed)
                 if ref is None:
@@ -74,6 +81,7 @@ def window_gaps(
                     "acc": 100 * statistics.fmean(accs),
                     "gap": statistics.fmean(gaps) if gaps else None,
                     "gap_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
+                    "swing": statistics.fmean(swings) if swings else None,
                     "sparsity": 100 * statistics.fmean(spars) if spars else None,
                 }
             )
@@ -82,16 +90,19 @@ def window_gaps(
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| variant | rounds | seeds | mean acc % | vs FedAvg (pt) | sparsity at end % |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| variant | rounds | seeds | mean acc % | vs FedAvg (pt) | swing (pt) "
+        "| sparsity at end % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
         if r["gap_std"] is not None:
             gap += f" ± {r['gap_std']:.2f}"
         sp = "—" if r["sparsity"] is None else f"{r['sparsity']:.1f}"
+        sw = "—" if r["swing"] is None else f"{r['swing']:.2f}"
         lines.append(
-            f"| {r['variant']} | {r['rounds']} | {r['seeds']} | {r['acc']:.2f} | {gap} | {sp} |"
+            f"| {r['variant']} | {r['rounds']} | {r['seeds']} | {r['acc']:.2f} | {gap} | {sw} "
+            f"| {sp} |"
         )
     return "\n".join(lines)
 

@@ -133,6 +133,12 @@ def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleTy
     assert second["gap"] == pytest.approx(-12.5)
     assert second["sparsity"] == pytest.approx(90.0)
     assert rows[("non-IID fedavg", "3-4")]["gap"] == pytest.approx(0.0)
+    # swing: |0.7 - 0.6| in both seeds; FedAvg's 10 and 20 points; seed 1 of the first
+    # window has one evaluation only and no swing
+    assert second["swing"] == pytest.approx(10.0)
+    assert rows[("IID fedavg", "3-4")]["swing"] == pytest.approx(15.0)
+    assert first["swing"] == pytest.approx(10.0)
+    assert rows[("non-IID fedavg", "1-2")]["swing"] == pytest.approx(0.0)
     assert "| IID global 0.9 | 3-4 | 2 |" in cg.markdown(list(rows.values()))
 
 
