@@ -179,6 +179,13 @@ def test_checkpoint_can_be_switched_off(tmp_path: Path) -> None:
 # --------------------------------------------------------------- SIGKILL, for real
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt even when the tests were started in the background by a shell
+    without job control (which ignores SIGINT for its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "fedprune.cli", *args],
@@ -186,6 +193,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
