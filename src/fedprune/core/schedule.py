@@ -57,6 +57,11 @@ class Schedule:
         if self.schedule not in ("polynomial", "nnz_rate"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
 
+    @property
+    def end(self) -> int:
+        """T: the round from which the polynomial schedule holds ``s_F``."""
+        return self.end_round or self.total
+
     def sparsity(self, t: int) -> float:
         """Target sparsity after round ``t`` (0 before the schedule starts)."""
         if t < self.start_round:
@@ -64,11 +69,10 @@ class Schedule:
         if self.schedule == "nnz_rate":
             events = (t - self.start_round) // self.frequency + 1
             return min(self.final_sparsity, 1.0 - (1.0 - self.nnz_rate) ** events)
-        end = self.end_round or self.total
-        if t >= end:
+        if t >= self.end:
             return self.final_sparsity
         t_tilde = (t // self.frequency) * self.frequency
-        span = end - self.start_round
+        span = self.end - self.start_round
         frac = 0.0 if span <= 0 else min(1.0, max(0.0, (t_tilde - self.start_round) / span))
         return (
             self.final_sparsity
@@ -81,9 +85,7 @@ class Schedule:
             return False
         if self.schedule == "nnz_rate":
             return (t - self.start_round) % self.frequency == 0
-        if t >= (self.end_round or self.total):
-            return True
-        return t % self.frequency == 0 or self.frequency == 1
+        return t >= self.end or t % self.frequency == 0 or self.frequency == 1
 
     def values(self) -> list[float]:
         """``sparsity(t)`` for t = 1..total."""
