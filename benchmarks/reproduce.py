@@ -55,7 +55,7 @@ from _common import load_average, machine
 from fedprune.config import RunConfig, config_to_flat, load_config
 from fedprune.engines.common import RoundRecord
 from fedprune.experiment import load_federation, resume_experiment, run_experiment
-from fedprune.rundir import read_metrics
+from fedprune.rundir import CONFIG, SUMMARY, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reproduction"
@@ -274,7 +274,7 @@ _HOW_NOT_WHAT = ("out", "name", "engine.", "flower.")
 def config_mismatch(run_dir: Path, cfg: RunConfig) -> list[str]:
     """The keys whose value in ``run_dir``'s ``config.toml`` differs from ``cfg``'s, as
     ``key: stored != wanted`` (empty when the directory holds no config yet)."""
-    path = run_dir / "config.toml"
+    path = run_dir / CONFIG
     if not path.is_file():
         return []
     stored = config_to_flat(load_config(path))
@@ -298,7 +298,7 @@ def _check_same(cfg: RunConfig, run_dir: Path) -> None:
 def _run_or_read(
     cfg: RunConfig, run_dir: Path, resume: bool
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY
     if summary.is_file():
         if not resume:
             raise SystemExit(f"{run_dir} exists; pass --resume to reuse it")
@@ -588,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in variants:
             cfg = run_config(claim, v, seed, args.scale, args.extra)
             rd = out / "runs" / f"{_slug(v.label)}-seed{seed}"
-            if args.report_only and not (rd / "summary.json").is_file():
+            if args.report_only and not (rd / SUMMARY).is_file():
                 print(f"not finished, left out: {v.label}, seed {seed} ({rd})", flush=True)
                 missing.append(f"{v.label} seed {seed}")
                 continue
