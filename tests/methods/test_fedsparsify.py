@@ -6,18 +6,22 @@ import torch
 from fedprune.config import load_config
 from fedprune.core.codec import Payload, decode_payload, encode_payload
 from fedprune.core.select import prune_count
+from fedprune.errors import ConfigError
 from fedprune.methods.base import ClientReply, ModelSpec
 from fedprune.methods.fedsparsify import FedSparsifyGlobalServer, FedSparsifyLocalServer
 
 SPEC = ModelSpec("fc", (1, 1, 2), 2)  # fc: 2 -> 128 -> 128 -> 2
 
 
-def _server(cls: type, merge: str = "majority", rounds: int = 4) -> FedSparsifyLocalServer:
+def _server(
+    cls: type, merge: str = "majority", rounds: int = 4, *extra: str
+) -> FedSparsifyLocalServer:
     cfg = load_config(
         overrides=[
             f"pruning.merge={merge}",
             f"federation.rounds={rounds}",
             "pruning.final_sparsity=0.5",
+            *extra,
         ]
     )
     return cls(cfg, SPEC, SPEC.build(seed=0))
@@ -54,6 +58,46 @@ def test_majority_vote_on_a_hand_built_example() -> None:
     assert torch.allclose(got, torch.tensor([9 / 4, 0.0, 0.0, 6.0]))
     assert server.masks is not None
     assert server.masks[name].view(-1)[:4].tolist() == [True, False, False, True]
+
+
+def test_local_applies_server_momentum_and_keeps_the_vote_mask() -> None:
+    """``federation.aggregation = fedavgm`` reaches the Local merge (it was ignored), and
+    the momentum step cannot revive a position the vote removed."""
+    plain = _server(FedSparsifyLocalServer, "majority_nnz", 4)
+    server = _server(
+        FedSparsifyLocalServer,
+        "majority_nnz",
+        4,
+        "federation.aggregation=fedavgm",
+        "federation.server_momentum=0.5",
+    )
+    name = server.scope[0]
+    before = server.model.state_dict()[name].view(-1)[:4].clone()
+    replies = [
+        _reply(0, server, torch.tensor([1.0, 0.0, 3.0, 0.0]), 1),
+        _reply(1, server, torch.tensor([2.0, 5.0, 0.0, 4.0]), 1),
+        _reply(2, server, torch.tensor([3.0, 0.0, 0.0, 7.0]), 2),
+        _reply(3, server, torch.tensor([0.0, 0.0, 0.0, 4.0]), 1),
+    ]
+    plain.aggregate_fit(1, replies)
+    server.aggregate_fit(1, replies)
+    merged = plain.model.state_dict()[name].view(-1)[:4]
+    got = server.model.state_dict()[name].view(-1)[:4]
+    # first round: v = (1 - b) * (theta - merged), theta' = theta - v, then the vote's zeros
+    expect = before - 0.5 * (before - merged)
+    expect[1] = expect[2] = 0.0  # one vote each of four: removed
+    assert torch.allclose(got, expect)
+    assert not torch.allclose(got, merged)
+    assert server.masks is not None and server.momentum is not None
+    assert server.masks[name].view(-1)[:4].tolist() == [True, False, False, True]
+    assert torch.all(server.momentum.velocity[name].view(-1)[1:3] == 0)
+    assert plain.momentum is None
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_local_refuses_robust_aggregation(rule: str) -> None:
+    with pytest.raises(ConfigError, match=f"federation.aggregation = '{rule}' is not supported"):
+        _server(FedSparsifyLocalServer, "majority", 4, f"federation.aggregation={rule}")
 
 
 def test_nnz_average_without_vote() -> None:

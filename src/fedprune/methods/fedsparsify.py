@@ -44,12 +44,14 @@ from fedprune.core.masks import Masks, apply_masks, mask_sparsity, mask_state, p
 from fedprune.core.schedule import schedule_from_config
 from fedprune.core.select import select_lowest
 from fedprune.core.training import TrainStats
+from fedprune.errors import ConfigError
 from fedprune.methods.base import (
     ClientMethod,
     ClientReply,
     ModelSpec,
     ServerMethod,
     config_number,
+    state_of,
 )
 
 
@@ -104,9 +106,24 @@ class FedSparsifyGlobalServer(ScheduledPruningServer):
 
 
 class FedSparsifyLocalServer(ScheduledPruningServer):
-    """Majority-vote merge of client-purged models."""
+    """Majority-vote merge of client-purged models.
+
+    ``federation.aggregation = "fedavgm"`` applies the server momentum to the merged model
+    and then zeroes the positions the vote removed again (momentum cannot revive them).
+    The robust rules (``median``, ``trimmed_mean``) are refused: the merge is a weighted
+    average by definition.
+    """
 
     name = "fedsparsify-local"
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, model: nn.Module) -> None:
+        rule = cfg.federation.aggregation
+        if rule not in ("fedavg", "fedavgm"):
+            raise ConfigError(
+                f"method fedsparsify-local merges by a vote over weighted averages: "
+                f"federation.aggregation = {rule!r} is not supported (use 'fedavg' or 'fedavgm')"
+            )
+        super().__init__(cfg, spec, model)
 
     def aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, torch.Tensor]:
         """Merge per ``pruning.merge``; non-prunable tensors are plain FedAvg."""
@@ -133,6 +150,10 @@ class FedSparsifyLocalServer(ScheduledPruningServer):
             out[name] = torch.where(mv, merged, 0.0).to(out[name].dtype)
             vote_masks[name] = mv
         self.report(vote_sparsity=mask_sparsity(vote_masks))
+        if self.momentum is not None:
+            out = self.momentum.step(state_of(self.model), out)
+            for name, mv in vote_masks.items():
+                out[name] = torch.where(mv, out[name], 0.0).to(out[name].dtype)
         return out
 
     def after_aggregate(self, rnd: int, replies: list[ClientReply]) -> dict[str, float]:
