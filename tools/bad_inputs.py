@@ -189,6 +189,16 @@ CASES: list[Case] = [
         ],
     ),
     Case(
+        "robust aggregation with FedSparsify Local's vote merge",
+        [
+            "run",
+            "--method",
+            "fedsparsify-local",
+            "--set",
+            "federation.aggregation=median",
+        ],
+    ),
+    Case(
         "min_clients above the clients per round",
         ["run", "--clients", "5", "--set", "federation.min_clients=6"],
     ),
