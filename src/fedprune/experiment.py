@@ -176,14 +176,15 @@ class PreparedRun:
         prints = self.fingerprints()
         setup_saves = [0]
 
-        def _save(rnd: int, records: list[RoundRecord], engine: dict[str, Any]) -> None:
+        def _save(rnd: int, records: list[RoundRecord], engine: dict[str, Any]) -> int:
             if rnd > 0:
                 fault_point("after-metrics", rnd)
             state = self.server.checkpoint_state()
-            save_checkpoint(self.run_dir, Checkpoint(rnd, state, engine, records, prints))
+            size = save_checkpoint(self.run_dir, Checkpoint(rnd, state, engine, records, prints))
             if rnd == 0:
                 setup_saves[0] += 1
                 fault_point("setup-checkpoint", setup_saves[0])
+            return size
 
         return _save
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -391,3 +392,57 @@ def test_authors_code_lets_pruned_weights_regrow_and_counts_every_byte(tmp_path:
     assert rec["bytes_down"] == sum(down.values()) and rec["bytes_up"] == sum(up.values())
     # chained explorers upload weights, not guidance: as many bytes as the pre-training
     assert up["explore"] > 0.9 * up["pretrain"]
+
+
+# ------------------------------------------------------------------ slow setup checkpoints
+
+
+def test_skip_rule_for_setup_checkpoints() -> None:
+    from fedprune.engines.common import (
+        SETUP_CHECKPOINT_BIG_BYTES,
+        SETUP_CHECKPOINT_RATIO,
+        _skip_setup_checkpoint,
+    )
+
+    big, small, cost = SETUP_CHECKPOINT_BIG_BYTES, SETUP_CHECKPOINT_BIG_BYTES - 1, 2.0
+    assert _skip_setup_checkpoint(SETUP_CHECKPOINT_RATIO * cost / 2, cost, big)
+    assert not _skip_setup_checkpoint(SETUP_CHECKPOINT_RATIO * cost, cost, big)
+    assert not _skip_setup_checkpoint(0.0, 100.0, small)  # small ones: always written
+    assert not _skip_setup_checkpoint(0.0, 100.0, None)  # size unknown
+    assert not _skip_setup_checkpoint(math.inf, 0.0, None)  # the first one
+
+
+def test_slow_setup_checkpoints_are_spaced_and_the_finished_setup_is_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When setup checkpoints are large (every one counts as large here), later
+    steps are not checkpointed until the wait has passed; the complete setup is written
+    once before round 1; a run killed in between resumes from the last written one and
+    ends as the uninterrupted run."""
+    import fedprune.engines.common as common
+    import fedprune.experiment as experiment
+
+    ref = run_experiment(_run_cfg(tmp_path, "ref"))
+    monkeypatch.setattr(common, "SETUP_CHECKPOINT_BIG_BYTES", 0)
+    monkeypatch.setattr(common, "SETUP_CHECKPOINT_RATIO", 1e12)
+    held: list[int] = []
+    save = experiment.save_checkpoint
+
+    def counting(run_dir: Path, ckpt: Any) -> int:
+        if ckpt.round == 0:
+            held.append(len(ckpt.server["exploration"]))
+        return save(run_dir, ckpt)
+
+    monkeypatch.setattr(experiment, "save_checkpoint", counting)
+    run_experiment(_run_cfg(tmp_path, "whole"))
+    assert held == [1, 6]  # the first explorer, then the finished exploration
+
+    held.clear()
+    with pytest.raises(Crash):
+        run_experiment(_run_cfg(tmp_path, "crashed"), on_progress=_crash_after("exploration: 4/6"))
+    assert held == [1]
+    run_dir = tmp_path / "crashed"
+    lines: list[str] = []
+    res = resume_experiment(run_dir, on_progress=lines.append)
+    assert lines[0] == "exploration: resuming with 1/6 explorers done"
+    _same_run(ref, res)

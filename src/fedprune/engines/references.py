@@ -105,8 +105,8 @@ class ReferenceBook:
             return None
         inner = checkpoint
 
-        def save(rnd: int, records: list[RoundRecord], state: dict[str, Any]) -> None:
-            inner(rnd, records, {**state, ENGINE_KEY: self.state_dict()})
+        def save(rnd: int, records: list[RoundRecord], state: dict[str, Any]) -> int | None:
+            return inner(rnd, records, {**state, ENGINE_KEY: self.state_dict()})
 
         return save
 
