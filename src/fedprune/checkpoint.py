@@ -171,12 +171,17 @@ class Checkpoint:
     fingerprints: dict[str, str]
 
 
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` (contiguous), without a copy."""
+    return t.reshape(-1).contiguous().view(torch.uint8).numpy().data
+
+
 def _digest(meta: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(meta.encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().data)
+        h.update(_raw(t))
     return h.hexdigest()
 
 
@@ -229,9 +234,8 @@ def _write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict
     fh.write(struct.pack("<Q", len(raw)))
     fh.write(raw)
     for name in names:
-        t = tensors[name]
-        if t.numel():
-            fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        if tensors[name].numel():
+            fh.write(_raw(tensors[name]))
     return 8 + len(raw) + offset
 
 

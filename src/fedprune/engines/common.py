@@ -193,8 +193,8 @@ ACCOUNTING_KEYS = frozenset(RoundRecord.__annotations__) - {"method_metrics"}
 validation, everything else in what ``aggregate_fit`` returns is a method metric."""
 
 CheckpointFn = Callable[[int, list[RoundRecord], dict[str, Any]], "int | None"]
-"""Writes a checkpoint of round ``rnd`` (0: setup); returns its size in bytes if known."""
-"""Called after each round with ``(round, records so far, engine state)``."""
+"""Called after each round with ``(round, records so far, engine state)``, and with round
+0 for a setup checkpoint; returns the checkpoint's size in bytes if known."""
 
 RoundCallback = Callable[[RoundRecord], None]
 """Called with each round's record as soon as it exists."""
