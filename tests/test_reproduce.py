@@ -220,3 +220,55 @@ def test_per_class_accuracy_of_a_finished_run(
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith(f"| {tmp_path / 'r'} | {100 * acc:.2f} | ")
     assert row.count("|") == 13
+
+
+@pytest.fixture(scope="module")
+def mt() -> Iterator[ModuleType]:
+    yield from _bench_module("mask_transfer")
+
+
+def test_fixed_mask_method_trains_under_the_source_models_zeros(
+    mt: ModuleType, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from fedprune.config import load_config
+    from fedprune.errors import ConfigError
+    from fedprune.experiment import run_experiment
+
+    base = {"data.num_clients": 4, "federation.rounds": 2, "pruning.final_sparsity": 0.7}
+    src = run_experiment(
+        load_config(
+            overrides=[f"out='{tmp_path}'", "name='src'", "method='fedsparsify-global'"],
+            values=base,
+        )
+    )
+    source = tmp_path / "src" / "model.safetensors"
+    zeros = {n: t == 0 for n, t in load_file(source).items() if n.endswith("weight")}
+    assert sum(int(z.sum()) for z in zeros.values()) > 0
+
+    def fixed(name: str, path: Path) -> Any:
+        return load_config(
+            overrides=[f"out='{tmp_path}'", f"name='{name}'", "method='fixed-mask'",
+                       f"fixedmask.source='{path}'"],
+            values=base,
+        )  # fmt: skip
+
+    res = run_experiment(fixed("fixed", source))
+    final = res.model.state_dict()
+    for n, z in zeros.items():
+        assert torch.all(final[n][z] == 0), n  # every source zero stays zero
+        assert torch.all(final[n][~z] != 0), n  # and nothing else is pruned
+    assert res.summary["final_nonzero_params"] == src.summary["final_nonzero_params"]
+    # the mask is in force from round 1, not only at the end
+    assert res.records[0]["sparsity"] == pytest.approx(src.summary["final_sparsity"])
+
+    with pytest.raises(ConfigError, match="is not a file"):
+        run_experiment(fixed("missing", tmp_path / "nope.safetensors"))
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"unrelated": torch.zeros(3)}, str(other))
+    with pytest.raises(ConfigError, match="has no tensor"):
+        run_experiment(fixed("bad", other))

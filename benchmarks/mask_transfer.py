@@ -1,0 +1,254 @@
+"""Mask transfer: is it *which* weights a pruned run keeps, or *training* sparse, that costs
+accuracy in FedSparsify's 100-client non-IID environment?
+
+REPRODUCTION.md finds that FedSparsify Global at 90% loses about 4.4 points to FedAvg
+with 100 two-class clients (10 per round), and only about 0.7 with IID clients. This
+script trains FedAvg under a *fixed* mask, taken from the final model of a finished
+FedSparsify run, from round 1 (same seed, so the same initial weights the source run
+started from), on either split:
+
+- the mask of the IID run, trained on the non-IID split, and the other way round;
+- each run's own final mask on its own split (the calibration: what a fixed mask from
+  round 1 costs against pruning progressively).
+
+If the non-IID split trains as well under the IID run's mask as under its own, the mask
+is not the cause; if it trains better, the non-IID run chose a worse mask. The source
+runs are the run directories ``reproduce.py fedsparsify-fmnist-100c`` leaves (non-IID)
+and the same with ``--set data.partition=iid --out .../100c-iid`` (IID).
+
+Usage (needs the source runs of every seed asked for)::
+
+    FEDPRUNE_DATA=../shared/data python benchmarks/mask_transfer.py --seeds 0,1,2 --resume
+
+It prints one table row per (split, mask source), with the last-10% accuracy and its gap
+to FedAvg of the same seed and split (read from the source claims' FedAvg runs), and
+writes ``benchmarks/results/reproduction/mask-transfer/mask-transfer.json``.
+
+The ``fixed-mask`` method is also a small example of a method written outside fedprune:
+importing this module registers it (``[fixedmask] source``, a ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from fedprune.core.masks import Masks, apply_masks, prunable_names
+from fedprune.errors import ConfigError
+from fedprune.methods.base import ClientMethod, ServerMethod
+from fedprune.params import key
+from fedprune.registry import MethodInfo, register
+from fedprune.rundir import read_metrics
+from reproduce import RESULTS, ROOT, load_config, run_one, tail_accuracy
+
+CONFIG = ROOT / "configs" / "fedsparsify-fmnist-100c-noniid.toml"
+SOURCES = {
+    "non-IID": RESULTS / "fedsparsify-fmnist-100c" / "runs",
+    "IID": RESULTS / "100c-iid" / "fedsparsify-fmnist-100c" / "runs",
+}
+"""Split -> the source claim's run directories (``global-0.9-seedN``, ``fedavg-seedN``)."""
+PARTITION = {"non-IID": [], "IID": ["data.partition='iid'"]}
+
+
+@dataclass
+class FixedMaskConfig:
+    """``[fixedmask]``: where the mask comes from."""
+
+    source: str = key("", "model.safetensors whose zeros in the pruning scope are the mask")
+
+
+def load_mask(path: Path, names: Sequence[str], shapes: dict[str, torch.Size]) -> Masks:
+    """The non-zero pattern of ``path``'s tensors ``names``; ConfigError naming a problem."""
+    if not path.is_file():
+        raise ConfigError(f"fixedmask.source {path} is not a file")
+    tensors = load_file(str(path))
+    masks: Masks = {}
+    for n in names:
+        if n not in tensors:
+            raise ConfigError(f"fixedmask.source {path} has no tensor {n}")
+        if tensors[n].shape != shapes[n]:
+            raise ConfigError(
+                f"fixedmask.source {path}: {n} has shape {tuple(tensors[n].shape)}, "
+                f"the model {tuple(shapes[n])}"
+            )
+        masks[n] = tensors[n] != 0
+    return masks
+
+
+class FixedMaskServer(ServerMethod):
+    """FedAvg under one mask, read from a finished run's model, in force from round 1."""
+
+    name = "fixed-mask"
+    mask_mode = "nonzero"
+
+    def __init__(self, cfg: Any, spec: Any, model: torch.nn.Module) -> None:
+        super().__init__(cfg, spec, model)
+        self.opts: FixedMaskConfig = cfg.section("fixedmask")
+        self.scope = prunable_names(model, cfg.pruning.scope)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        self.source_masks = load_mask(Path(self.opts.source), self.scope, shapes)
+
+    def setup(self, io: Any) -> None:
+        self.masks = self.source_masks
+        apply_masks(self.model, self.masks)
+
+    def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
+        kept = sum(int(m.sum()) for m in self.source_masks.values())
+        total = sum(m.numel() for m in self.source_masks.values())
+        return {"target_sparsity": 1 - kept / total}
+
+
+register(
+    MethodInfo(
+        "fixed-mask",
+        FixedMaskServer,
+        ClientMethod,
+        "FedAvg under the zeros of a given model.safetensors, from round 1.",
+        "benchmarks/mask_transfer.py",
+        section="fixedmask",
+        config=FixedMaskConfig,
+    ),
+    replace=True,
+)
+
+
+def source_run(split: str, variant: str, seed: int) -> Path:
+    return SOURCES[split] / f"{variant}-seed{seed}"
+
+
+def tail_of(run_dir: Path) -> float:
+    """Last-10% accuracy of a finished run directory."""
+    acc = tail_accuracy(read_metrics(run_dir))
+    if acc is None:
+        raise SystemExit(f"{run_dir} has no test accuracy")
+    return acc
+
+
+def mask_overlap(seed: int) -> list[dict[str, Any]]:
+    """Per weight tensor: weights kept by the non-IID and the IID run's final mask, and the
+    Jaccard overlap of the two (a random pair of masks of those sizes overlaps by about
+    the product of their densities)."""
+    a, b = (load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES)
+    out = []
+    for n in a:
+        if n.endswith("weight"):
+            ma, mb = a[n] != 0, b[n] != 0
+            out.append(
+                {
+                    "seed": seed,
+                    "tensor": n,
+                    "size": ma.numel(),
+                    "kept_noniid": int(ma.sum()),
+                    "kept_iid": int(mb.sum()),
+                    "jaccard": float((ma & mb).sum() / (ma | mb).sum()),
+                }
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--resume", action="store_true", help="reuse and continue run directories")
+    p.add_argument("--out", type=Path, default=RESULTS / "mask-transfer")
+    p.add_argument("--set", dest="extra", action="append", default=[], help="key=value")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    for split in SOURCES:
+        for seed in seeds:
+            for variant in ("fedavg", "global-0.9"):
+                rd = source_run(split, variant, seed)
+                if not (rd / "summary.json").is_file():
+                    raise SystemExit(f"source run {rd} is not finished; run reproduce.py first")
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        for split in SOURCES:
+            for mask_from in SOURCES:
+                src = source_run(mask_from, "global-0.9", seed) / "model.safetensors"
+                cfg = load_config(
+                    CONFIG,
+                    [
+                        "method='fixed-mask'",
+                        f"fixedmask.source='{src}'",
+                        f"seed={seed}",
+                        *PARTITION[split],
+                        *args.extra,
+                    ],
+                )
+                rd = args.out / "runs" / f"{split}-data-{mask_from}-mask-seed{seed}"
+                print(f"{split} data, {mask_from} run's mask, seed {seed} -> {rd}", flush=True)
+                summary, records = run_one(cfg, rd, args.resume)
+                acc = tail_accuracy(records)
+                assert acc is not None
+                rows.append(
+                    {
+                        "split": split,
+                        "mask_from": mask_from,
+                        "seed": seed,
+                        "tail_accuracy": acc,
+                        "fedavg_tail": tail_of(source_run(split, "fedavg", seed)),
+                        "progressive_tail": tail_of(source_run(split, "global-0.9", seed)),
+                        "sparsity": summary["final_sparsity"],
+                    }
+                )
+    print(
+        "\n| data | mask from | seeds | fixed mask, last-10% acc % | vs FedAvg (pt) "
+        "| progressive (Global 0.9) vs FedAvg (pt) |\n| --- | --- | --- | --- | --- | --- |"
+    )
+    table = []
+    for split in SOURCES:
+        for mask_from in SOURCES:
+            sel = [r for r in rows if r["split"] == split and r["mask_from"] == mask_from]
+            gaps = [100 * (r["tail_accuracy"] - r["fedavg_tail"]) for r in sel]
+            prog = [100 * (r["progressive_tail"] - r["fedavg_tail"]) for r in sel]
+            accs = [100 * r["tail_accuracy"] for r in sel]
+            cell = {
+                "split": split,
+                "mask_from": mask_from,
+                "seeds": len(sel),
+                "acc": _ms(accs),
+                "gap_pt": _ms(gaps),
+                "progressive_gap_pt": _ms(prog),
+            }
+            table.append(cell)
+            print(
+                f"| {split} | {mask_from} run | {len(sel)} | {_fmt(accs)} | {_fmt(gaps)} "
+                f"| {_fmt(prog)} |"
+            )
+    overlap = [o for seed in seeds for o in mask_overlap(seed)]
+    print("\n| seed | tensor | weights | kept, non-IID run | kept, IID run | Jaccard |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for o in overlap:
+        print(
+            f"| {o['seed']} | {o['tensor']} | {o['size']} | {o['kept_noniid']} "
+            f"| {o['kept_iid']} | {o['jaccard']:.3f} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/mask_transfer.py " + " ".join(argv or sys.argv[1:])
+    payload = {"command": command, "seeds": seeds, "runs": rows, "table": table, "overlap": overlap}
+    path = args.out / "mask-transfer.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float]) -> str:
+    mean, std = _ms(values)
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
