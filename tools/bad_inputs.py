@@ -297,6 +297,11 @@ CASES: list[Case] = [
         ["run", "--method", "autostructured", "--set", "structured.k_schedule=adaptive"],
     ),
     Case(
+        "structured guard_z without the guard",
+        ["run", "--method", "autostructured", "--set", "structured.guard_z=2"],
+    ),
+    Case("structured guard_z above 10", ["run", "--set", "structured.guard_z=11"]),
+    Case(
         "structured guard without local validation splits",
         ["run", "--method", "autostructured", "--set", "structured.max_drop=0.01"],
     ),

@@ -47,6 +47,13 @@ class StructuredConfig:
     recovery_rounds: int = key(
         2, "rounds a guarded proposal is trained before it is measured", ge=0, le=_BIG
     )
+    guard_z: float = key(
+        0.0,
+        "accuracy guard: roll back only if the drop exceeds max_drop by this many paired "
+        "standard errors; 0 = on the measured drop alone (needs max_drop > 0)",
+        ge=0,
+        le=10,
+    )
     k_schedule: str = key(
         "fixed",
         "fixed: k stays; adaptive: k narrows while the guard accepts, widens after a "

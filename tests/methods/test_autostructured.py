@@ -19,6 +19,7 @@ from fedprune.methods.autostructured import (
     AutoStructuredServer,
     band_keep,
     band_ranking,
+    paired_drop_se,
 )
 from fedprune.methods.base import ClientReply, ModelSpec, state_of
 from fedprune.models import build_model
@@ -136,6 +137,9 @@ def test_impossible_guard_combinations_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="local_test_fraction"):
         _server("structured.max_drop=0.01")
     _server(*base, "structured.max_drop=0.01", "structured.k_schedule=adaptive")
+    with pytest.raises(ConfigError, match=r"guard_z > 0 .* needs the guard"):
+        _server(*base, "structured.guard_z=2")
+    _server(*base, "structured.max_drop=0.01", "structured.guard_z=2")
 
 
 def test_rounded_widths_keep_the_best_ranked_units_in_multiples() -> None:
@@ -183,14 +187,63 @@ def _guarded(*extra: str, rounds: int = 20) -> AutoStructuredServer:
     )
 
 
-def _judge_replies(new: float, old: float, total: float = 100.0) -> list[ClientReply]:
+def _judge_replies(
+    new: float, old: float, total: float = 100.0, *, disagree: float | None = None
+) -> list[ClientReply]:
+    """One client's judge counts; ``disagree`` samples only one model gets right (default:
+    the fewest possible, |old - new|, all one way)."""
+    d = abs(old - new) if disagree is None else disagree
     metrics = {
         "num_examples": 10.0,
         "guard_correct_new": new,
         "guard_correct_old": old,
+        "guard_new_only": (d - (old - new)) / 2,
+        "guard_old_only": (d + (old - new)) / 2,
         "guard_total": total,
     }
     return [ClientReply(0, Payload(metrics=metrics))]
+
+
+def test_paired_standard_error_of_the_drop_matches_the_per_sample_differences() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, p_new, p_old in ((40, 0.5, 0.6), (300, 0.35, 0.4), (7, 0.9, 0.1)):
+        new = torch.rand(n, generator=gen) < p_new
+        old = torch.rand(n, generator=gen) < p_old
+        diff = old.double() - new.double()
+        want = float(diff.std(unbiased=True) / n**0.5)
+        got = paired_drop_se(float((new & ~old).sum()), float((old & ~new).sum()), float(n))
+        assert abs(got - want) < 1e-12, (n, got, want)
+    assert paired_drop_se(0.0, 0.0, 300.0) == 0.0  # the models agree everywhere
+    assert paired_drop_se(1.0, 0.0, 1.0) == 0.0  # one sample: no spread to measure
+
+
+@pytest.mark.parametrize(
+    ("z", "total", "disagree", "rolled_back"),
+    [
+        # a 5-point drop (limit 2) on 100 samples, 60 of them disagreeing: se 7.8 points
+        (0.0, 100, 60, True),  # z = 0: rolled back on the measured drop alone
+        (2.0, 100, 60, False),  # 5 - 2 * 7.8 < 2: noise, accepted
+        # the same drop on 1000 samples, only 50 disagreeing (all against the proposal):
+        # se 0.69 points, 5 - 2 * 0.69 > 2: rolled back
+        (2.0, 1000, 50, True),
+    ],
+)
+def test_guard_z_weighs_the_drop_by_its_paired_standard_error(
+    z: float, total: int, disagree: int, rolled_back: bool
+) -> None:
+    server = _guarded(f"structured.guard_z={z}")
+    _set_filter_norms(server.model.conv1, [1.0] * 31 + [50.0])
+    assert server.after_aggregate(1, [])["proposed"] == 1.0
+    server.after_aggregate(2, [])
+    new, old = 0.70 * total, 0.75 * total
+    m3 = server.after_aggregate(3, _judge_replies(new, old, total, disagree=disagree))
+    se = paired_drop_se((disagree - (old - new)) / 2, (disagree + (old - new)) / 2, total)
+    assert m3["guard_drop"] == pytest.approx(0.05)
+    assert m3["guard_drop_se"] == pytest.approx(se)
+    assert m3["guard_disagreements"] == disagree
+    assert (m3["guard_drop"] - z * se > 0.02) == rolled_back  # the rule, max_drop 0.02
+    assert m3.get("rolled_back") == (1.0 if rolled_back else None)
+    assert m3["accepted"] == (0.0 if rolled_back else 1.0)
 
 
 def test_guard_rolls_back_to_the_previous_architecture_and_weights_exactly() -> None:
@@ -356,6 +409,22 @@ def test_rolled_back_rounds_and_their_bytes_are_counted(
     assert recs[-1]["cum_bytes_down"] == res.summary["total_bytes_down"]
     assert res.summary["final_params"] == res.summary["dense_params"]  # nothing survived
     assert all(m.get("accepted") != 1.0 for m in mm)
+
+
+def test_clients_report_paired_counts_in_judge_rounds(tmp_path: Path) -> None:
+    res = run_experiment(_guard_cfg(tmp_path, "pairs", "structured.patience=5"))
+    judged = [r["method_metrics"] for r in res.records if "guard_samples" in r["method_metrics"]]
+    assert judged
+    for m in judged:
+        n = m["guard_samples"]
+        new, old = round(m["guard_accuracy"] * n), round(m["guard_baseline"] * n)
+        d = m["guard_disagreements"]
+        # the disagreements split into new-only and old-only counts whose difference is
+        # the difference of the two models' correct counts
+        assert d >= abs(old - new) and (d - abs(old - new)) % 2 == 0
+        assert d <= n
+        se = paired_drop_se((d - (old - new)) / 2, (d + (old - new)) / 2, n)
+        assert m["guard_drop_se"] == pytest.approx(se)
 
 
 class _Crash(Exception):

@@ -37,7 +37,11 @@ Accuracy guard (``structured.max_drop > 0``)
     server pools the counts (sample-weighted, paired on the same samples). If the
     proposal's accuracy is more than ``max_drop`` below the snapshot's, the model, its
     history and momentum are restored exactly from the snapshot and the rejection counts
-    against patience; otherwise the proposal is accepted (patience resets). Rolled-back
+    against patience; otherwise the proposal is accepted (patience resets). Clients also
+    count the samples only one of the two models gets right, which gives the drop's
+    paired standard error ``se`` (``guard_drop_se``); with ``structured.guard_z = z > 0``
+    the proposal is rolled back only if ``drop - z * se > max_drop``, so a drop that a
+    few hundred validation samples cannot tell from noise does not end pruning. Rolled-back
     rounds stay in the record with the bytes they cost (the judge round's downlink carries
     both models). A guarded proposal is only made when its judge round is a round of the
     run. There is no server hold-out: the server half holds no data.
@@ -68,7 +72,8 @@ Transport
     ``config["arch"]`` and the client replays it on a fresh model before loading the
     weights. In a judge round the snapshot travels as ``guard/<tensor>`` arrays with its
     history in ``config["guard_arch"]``; clients answer with ``guard_correct_new``,
-    ``guard_correct_old`` and ``guard_total``.
+    ``guard_correct_old``, ``guard_total`` and the disagreements ``guard_new_only`` (the
+    proposal right, the snapshot wrong) and ``guard_old_only``.
 
 Where the paper is silent, chosen here: ties at the band edges are kept (``<=``); the
 one-unit fallback keeps the unit nearest the mean; the proposal is judged on the
@@ -76,8 +81,9 @@ model's trainable parameter count (``count_params``, the engine's ``params``).
 Metrics per round: ``accepted`` (1 when a proposal was accepted, 0 when one was
 rejected or rolled back, absent otherwise), ``proposed`` (1 when a guarded proposal went on
 trial), ``rolled_back``, ``proposal_params``, ``k``, ``patience``, ``pruning_active``,
-``on_trial``, ``guard_accuracy``/``guard_baseline``/``guard_drop``/``guard_samples`` in a
-judge round, and ``width/<layer>`` for every prunable and tied layer.
+``on_trial``, ``guard_accuracy``/``guard_baseline``/``guard_drop``/``guard_drop_se``/
+``guard_disagreements``/``guard_samples`` in a judge round, and ``width/<layer>`` for
+every prunable and tied layer.
 """
 
 from __future__ import annotations
@@ -102,7 +108,6 @@ from fedprune.core.structured import (
     structure,
     widths,
 )
-from fedprune.core.training import evaluate
 from fedprune.errors import ConfigError
 from fedprune.methods.base import (
     ClientMethod,
@@ -117,6 +122,14 @@ if TYPE_CHECKING:
 
 _REINIT_TAG = 0x5EED
 GUARD_PREFIX = "guard/"
+GUARD_COUNTS = (
+    "guard_correct_new",
+    "guard_correct_old",
+    "guard_new_only",
+    "guard_old_only",
+    "guard_total",
+)
+"""The counts a client reports in a judge round (metrics of its fit reply)."""
 """Prefix of the snapshot's tensors in a judge round's payload."""
 K_STEP = 0.7
 """Factor of the adaptive k schedule (see the module docstring)."""
@@ -218,6 +231,11 @@ class AutoStructuredServer(ServerMethod):
             raise ConfigError(
                 "structured.k_schedule = 'adaptive' needs the accuracy guard "
                 "(structured.max_drop > 0): without it the band narrows until one unit is left"
+            )
+        if s.guard_z > 0 and s.max_drop <= 0:
+            raise ConfigError(
+                "structured.guard_z > 0 weighs the accuracy guard's drop by its standard "
+                "error: it needs the guard (structured.max_drop > 0)"
             )
         if s.max_drop > 0 and not (
             cfg.data.partition == "natural" or cfg.data.local_test_fraction > 0
@@ -365,15 +383,20 @@ class AutoStructuredServer(ServerMethod):
         new = sum(r.payload.metrics.get("guard_correct_new", 0.0) for r in replies)
         old = sum(r.payload.metrics.get("guard_correct_old", 0.0) for r in replies)
         total = sum(r.payload.metrics.get("guard_total", 0.0) for r in replies)
+        new_only = sum(r.payload.metrics.get("guard_new_only", 0.0) for r in replies)
+        old_only = sum(r.payload.metrics.get("guard_old_only", 0.0) for r in replies)
         metrics["guard_samples"] = float(total)
-        drop = 0.0
+        drop = se = 0.0
         if total > 0:
             metrics["guard_accuracy"] = new / total
             metrics["guard_baseline"] = old / total
             drop = (old - new) / total
             metrics["guard_drop"] = drop
+            se = paired_drop_se(new_only, old_only, total)
+            metrics["guard_drop_se"] = se
+            metrics["guard_disagreements"] = float(new_only + old_only)
         adaptive = s.k_schedule == "adaptive"
-        if drop > s.max_drop:
+        if drop - s.guard_z * se > s.max_drop:
             self.history = list(trial["history"])
             self.model = self.spec.rebuild(self.history)
             self.model.load_state_dict(trial["weights"])
@@ -429,9 +452,29 @@ class AutoStructuredServer(ServerMethod):
         }
 
 
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    _, acc = evaluate(model, x, y)
-    return float(round(acc * int(y.shape[0])))
+def paired_drop_se(new_only: float, old_only: float, total: float) -> float:
+    """Standard error of the accuracy drop of two models measured on the same ``total``
+    samples, from the samples only one of them gets right (``new_only``: only the new
+    model; ``old_only``: only the old one).
+
+    Each sample's difference (old right − new right) is −1, 0 or +1; the drop is their
+    mean, and this is the sample standard deviation of the differences over
+    ``sqrt(total)`` (0 for fewer than two samples)."""
+    if total < 2:
+        return 0.0
+    drop = (old_only - new_only) / total
+    var = max(0.0, (new_only + old_only - total * drop * drop) / (total - 1))
+    return math.sqrt(var / total)
+
+
+def _right(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Per sample: whether ``model`` (in eval mode) predicts ``y``."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch]).argmax(dim=1) == y[i : i + batch]
+                     for i in range(0, int(x.shape[0]), batch)])  # fmt: skip
+    model.train(was)
+    return out
 
 
 class AutoStructuredClient(ClientMethod):
@@ -451,14 +494,18 @@ class AutoStructuredClient(ClientMethod):
         rest = {k: v for k, v in payload.arrays.items() if not k.startswith(GUARD_PREFIX)}
         config = {k: v for k, v in payload.config.items() if k != "guard_arch"}
         plain = Payload(arrays=rest, config=config, metrics=dict(payload.metrics))
-        counts = {"guard_correct_new": 0.0, "guard_correct_old": 0.0, "guard_total": 0.0}
+        counts = dict.fromkeys(GUARD_COUNTS, 0.0)
         x, y = data.x_test, data.y_test
         if x is not None and y is not None and int(y.shape[0]) > 0:
             with torch.no_grad():
-                counts["guard_correct_new"] = _correct(self.model_for(plain), x, y)
-                old = self.spec.rebuild(raw)
-                old.load_state_dict(snap)
-                counts["guard_correct_old"] = _correct(old, x, y)
+                new = _right(self.model_for(plain), x, y)
+                old_model = self.spec.rebuild(raw)
+                old_model.load_state_dict(snap)
+                old = _right(old_model, x, y)
+            counts["guard_correct_new"] = float(new.sum())
+            counts["guard_correct_old"] = float(old.sum())
+            counts["guard_new_only"] = float((new & ~old).sum())
+            counts["guard_old_only"] = float((old & ~new).sum())
             counts["guard_total"] = float(y.shape[0])
         reply = super().fit(plain, data)
         reply.metrics.update(counts)
@@ -466,10 +513,12 @@ class AutoStructuredClient(ClientMethod):
 
 
 __all__ = [
+    "GUARD_COUNTS",
     "GUARD_PREFIX",
     "K_STEP",
     "AutoStructuredClient",
     "AutoStructuredServer",
     "band_keep",
     "band_ranking",
+    "paired_drop_se",
 ]
