@@ -107,7 +107,8 @@ def _fedsparsify(group: str, config: str | None = None) -> list[Variant]:
 
 def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Variant, ...]:
     """FedAvg, the authors' code (re-initialised proposals), the paper's rule with weight
-    inheritance, and ours (widths rounded to 8 plus the accuracy guard), all at the
+    inheritance, and ours (widths rounded to 8 plus the accuracy guard, which rolls back
+    on the measured drop, or only on a drop 2 standard errors beyond it), all at the
     authors' settings for ``model`` (methods.md §1.3: k, last pruning round, patience 3,
     5 epochs, batch 32, Adam; convolutions only, two-sided band)."""
     base = (
@@ -128,20 +129,20 @@ def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Va
         "structured.max_drop=0",
         "structured.k_schedule='fixed'",
     )
+    ours = (
+        *paper[:-3],
+        "structured.round_to=8",
+        "structured.max_drop=0.015",
+        "structured.k_schedule='adaptive'",
+        "structured.inherit_weights=true",
+    )
     return (
         Variant("fedavg", (*base, "method='fedavg'")),
         Variant("authors' code (re-init)", (*paper, "structured.inherit_weights=false")),
         Variant("paper rule (inherited weights)", (*paper, "structured.inherit_weights=true")),
-        Variant(
-            "round to 8 + guard",
-            (
-                *paper[:-3],
-                "structured.round_to=8",
-                "structured.max_drop=0.015",
-                "structured.k_schedule='adaptive'",
-                "structured.inherit_weights=true",
-            ),
-        ),
+        Variant("round to 8 + guard", ours),
+        # the guard rolls back only drops it can tell from noise (2 paired standard errors)
+        Variant("round to 8 + guard (z 2)", (*ours, "structured.guard_z=2")),
     )
 
 
