@@ -9,7 +9,11 @@ started from), on either split:
 
 - the mask of the IID run, trained on the non-IID split, and the other way round;
 - each run's own final mask on its own split (the calibration: what a fixed mask from
-  round 1 costs against pruning progressively).
+  round 1 costs against pruning progressively);
+- with ``--mix``, the non-IID split under masks mixed per layer (``fc1`` from the IID
+  run and the rest from the non-IID run, and the other way round), to find the layer
+  whose mask matters. A mixed mask keeps a slightly different number of weights (the
+  two runs split the global budget differently between layers); the table shows it.
 
 If the non-IID split trains as well under the IID run's mask as under its own, the mask
 is not the cause; if it trains better, the non-IID run chose a worse mask. The source
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedprune.core.masks import Masks, apply_masks, prunable_names
 from fedprune.errors import ConfigError
@@ -48,7 +52,7 @@ from fedprune.methods.base import ClientMethod, ServerMethod
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
 from fedprune.rundir import read_metrics
-from reproduce import RESULTS, ROOT, load_config, run_one, tail_accuracy
+from reproduce import RESULTS, ROOT, _slug, load_config, run_one, tail_accuracy
 
 CONFIG = ROOT / "configs" / "fedsparsify-fmnist-100c-noniid.toml"
 SOURCES = {
@@ -155,12 +159,36 @@ def mask_overlap(seed: int) -> list[dict[str, Any]]:
     return out
 
 
+MIXED = {"IID fc1": ("fc1.",), "IID fc2 + classifier": ("fc2.", "classifier.")}
+"""``--mix``: mask label -> the tensors whose mask comes from the IID run (the rest from
+the non-IID run); trained on the non-IID split only."""
+
+
+def mask_file(label: str, seed: int, out: Path) -> Path:
+    """The model file whose zeros are the mask ``label`` (a split, or a :data:`MIXED` one)."""
+    if label in SOURCES:
+        return source_run(label, "global-0.9", seed) / "model.safetensors"
+    noniid, iid = (
+        load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES
+    )
+    mixed = {n: (iid if n.startswith(MIXED[label]) else noniid)[n] for n in noniid}
+    path = out / "masks" / f"{_slug(label)}-seed{seed}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(mixed, str(path))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--resume", action="store_true", help="reuse and continue run directories")
     p.add_argument("--out", type=Path, default=RESULTS / "mask-transfer")
     p.add_argument("--set", dest="extra", action="append", default=[], help="key=value")
+    p.add_argument(
+        "--mix",
+        action="store_true",
+        help="also train the non-IID split under masks mixed per layer from the two runs",
+    )
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     for split in SOURCES:
@@ -169,61 +197,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rd = source_run(split, variant, seed)
                 if not (rd / "summary.json").is_file():
                     raise SystemExit(f"source run {rd} is not finished; run reproduce.py first")
+    conditions = [(split, mask) for split in SOURCES for mask in SOURCES]
+    if args.mix:
+        conditions += [("non-IID", label) for label in MIXED]
     rows: list[dict[str, Any]] = []
     for seed in seeds:
-        for split in SOURCES:
-            for mask_from in SOURCES:
-                src = source_run(mask_from, "global-0.9", seed) / "model.safetensors"
-                cfg = load_config(
-                    CONFIG,
-                    [
-                        "method='fixed-mask'",
-                        f"fixedmask.source='{src}'",
-                        f"seed={seed}",
-                        *PARTITION[split],
-                        *args.extra,
-                    ],
-                )
-                rd = args.out / "runs" / f"{split}-data-{mask_from}-mask-seed{seed}"
-                print(f"{split} data, {mask_from} run's mask, seed {seed} -> {rd}", flush=True)
-                summary, records = run_one(cfg, rd, args.resume)
-                acc = tail_accuracy(records)
-                assert acc is not None
-                rows.append(
-                    {
-                        "split": split,
-                        "mask_from": mask_from,
-                        "seed": seed,
-                        "tail_accuracy": acc,
-                        "fedavg_tail": tail_of(source_run(split, "fedavg", seed)),
-                        "progressive_tail": tail_of(source_run(split, "global-0.9", seed)),
-                        "sparsity": summary["final_sparsity"],
-                    }
-                )
+        for split, mask_from in conditions:
+            src = mask_file(mask_from, seed, args.out)
+            cfg = load_config(
+                CONFIG,
+                [
+                    "method='fixed-mask'",
+                    f"fixedmask.source='{src}'",
+                    f"seed={seed}",
+                    *PARTITION[split],
+                    *args.extra,
+                ],
+            )
+            rd = args.out / "runs" / f"{split}-data-{_slug(mask_from)}-mask-seed{seed}"
+            print(f"{split} data, {mask_from} run's mask, seed {seed} -> {rd}", flush=True)
+            summary, records = run_one(cfg, rd, args.resume)
+            acc = tail_accuracy(records)
+            assert acc is not None
+            rows.append(
+                {
+                    "split": split,
+                    "mask_from": mask_from,
+                    "seed": seed,
+                    "tail_accuracy": acc,
+                    "fedavg_tail": tail_of(source_run(split, "fedavg", seed)),
+                    "progressive_tail": tail_of(source_run(split, "global-0.9", seed)),
+                    "sparsity": summary["final_sparsity"],
+                }
+            )
     print(
         "\n| data | mask from | seeds | fixed mask, last-10% acc % | vs FedAvg (pt) "
-        "| progressive (Global 0.9) vs FedAvg (pt) |\n| --- | --- | --- | --- | --- | --- |"
+        "| progressive (Global 0.9) vs FedAvg (pt) | sparsity % |"
+        "\n| --- | --- | --- | --- | --- | --- | --- |"
     )
     table = []
-    for split in SOURCES:
-        for mask_from in SOURCES:
-            sel = [r for r in rows if r["split"] == split and r["mask_from"] == mask_from]
-            gaps = [100 * (r["tail_accuracy"] - r["fedavg_tail"]) for r in sel]
-            prog = [100 * (r["progressive_tail"] - r["fedavg_tail"]) for r in sel]
-            accs = [100 * r["tail_accuracy"] for r in sel]
-            cell = {
-                "split": split,
-                "mask_from": mask_from,
-                "seeds": len(sel),
-                "acc": _ms(accs),
-                "gap_pt": _ms(gaps),
-                "progressive_gap_pt": _ms(prog),
-            }
-            table.append(cell)
-            print(
-                f"| {split} | {mask_from} run | {len(sel)} | {_fmt(accs)} | {_fmt(gaps)} "
-                f"| {_fmt(prog)} |"
-            )
+    for split, mask_from in conditions:
+        sel = [r for r in rows if r["split"] == split and r["mask_from"] == mask_from]
+        gaps = [100 * (r["tail_accuracy"] - r["fedavg_tail"]) for r in sel]
+        prog = [100 * (r["progressive_tail"] - r["fedavg_tail"]) for r in sel]
+        accs = [100 * r["tail_accuracy"] for r in sel]
+        sparsity = [100 * r["sparsity"] for r in sel]
+        cell = {
+            "split": split,
+            "mask_from": mask_from,
+            "seeds": len(sel),
+            "acc": _ms(accs),
+            "gap_pt": _ms(gaps),
+            "progressive_gap_pt": _ms(prog),
+            "sparsity": _ms(sparsity),
+        }
+        table.append(cell)
+        what = f"{mask_from} run" if mask_from in SOURCES else f"mixed: {mask_from}"
+        print(
+            f"| {split} | {what} | {len(sel)} | {_fmt(accs)} | {_fmt(gaps)} "
+            f"| {_fmt(prog)} | {_fmt(sparsity)} |"
+        )
     overlap = [o for seed in seeds for o in mask_overlap(seed)]
     print("\n| seed | tensor | weights | kept, non-IID run | kept, IID run | Jaccard |")
     print("| --- | --- | --- | --- | --- | --- |")
