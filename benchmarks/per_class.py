@@ -7,7 +7,9 @@ Each run's final model is rebuilt from its run directory (``architecture.json`` 
 ``model.safetensors``, as ``fedprune export`` does) and evaluated on the global test split
 of the data set its ``config.toml`` names. It prints one Markdown row per run: the overall
 accuracy (the run's ``final_accuracy`` when the run ended on an evaluation) and the
-accuracy on each class's test samples, in percent. Used in REPRODUCTION.md to show where
+accuracy on each class's test samples, in percent. Runs of a plugin method need its
+module in ``FEDPRUNE_PLUGINS`` (for example ``mask_transfer`` for ``fixed-mask``; this
+folder is on the import path). Used in REPRODUCTION.md to show where
 a pruned model loses against FedAvg (spread over all classes, or a few).
 """
 
@@ -23,6 +25,7 @@ import torch
 from fedprune.config import load_config
 from fedprune.data.datasets import load_dataset
 from fedprune.export import load_final_model
+from fedprune.registry import load_plugins
 from fedprune.rundir import CONFIG
 
 
@@ -47,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories")
     args = p.parse_args(argv)
+    load_plugins()  # $FEDPRUNE_PLUGINS: a plugin method's config section must be known
     rows = [(run, *per_class_accuracy(run)) for run in args.runs]
     k = max(len(c) for _r, _a, c in rows)
     print("| run | acc % | " + " | ".join(f"class {c}" for c in range(k)) + " |")
