@@ -13,7 +13,11 @@ started from), on either split:
 - with ``--mix``, the non-IID split under masks mixed per layer (``fc1`` from the IID
   run and the rest from the non-IID run, and the other way round), to find the layer
   whose mask matters. A mixed mask keeps a slightly different number of weights (the
-  two runs split the global budget differently between layers); the table shows it.
+  two runs split the global budget differently between layers); the table shows it;
+- with ``--dense``, the non-IID split under one-shot magnitude masks at 90% taken from
+  the final model of the FedAvg run of either split (one global threshold), and from the
+  non-IID one with each layer's weights spread evenly over its output units, to tell
+  whether non-IID magnitudes give a bad mask, and whether it is their spread over units.
 
 If the non-IID split trains as well under the IID run's mask as under its own, the mask
 is not the cause; if it trains better, the non-IID run chose a worse mask. The source
@@ -47,6 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedprune.core.masks import Masks, apply_masks, prunable_names
+from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
 from fedprune.methods.base import ClientMethod, ServerMethod
 from fedprune.params import key
@@ -164,14 +169,49 @@ MIXED = {"IID fc1": ("fc1.",), "IID fc2 + classifier": ("fc2.", "classifier.")}
 the non-IID run); trained on the non-IID split only."""
 
 
+DENSE = {
+    "FedAvg non-IID, global": ("non-IID", False),
+    "FedAvg IID, global": ("IID", False),
+    "FedAvg non-IID, per unit": ("non-IID", True),
+}
+"""``--dense``: mask label -> (split, per unit) of a one-shot magnitude mask at 90% of the
+weights, from the final model of that split's FedAvg run: one global threshold, or the
+same number of weights per layer spread evenly over the layer's output units (each
+unit keeps its largest incoming weights); trained on the non-IID split only."""
+
+
+def magnitude_mask(model: dict[str, torch.Tensor], per_unit: bool) -> dict[str, torch.Tensor]:
+    """Keep the 10% largest weights (one global threshold over the weight matrices); with
+    ``per_unit`` each layer keeps as many, spread evenly over its rows (output units)."""
+    weights = {n: t.abs() for n, t in model.items() if n.endswith("weight")}
+    keep = select_lowest(weights, 0.9)
+    if not per_unit:
+        return {n: m.float() for n, m in keep.items()}
+    out = {}
+    for n, w in weights.items():
+        rows, total = w.shape[0], int(keep[n].sum())
+        quota = [total // rows + (1 if r < total % rows else 0) for r in range(rows)]
+        m = torch.zeros_like(w)
+        for r, q in enumerate(quota):
+            m[r, w[r].topk(min(q, w.shape[1])).indices] = 1.0
+        out[n] = m
+    return out
+
+
 def mask_file(label: str, seed: int, out: Path) -> Path:
-    """The model file whose zeros are the mask ``label`` (a split, or a :data:`MIXED` one)."""
+    """The model file whose zeros are the mask ``label`` (a split, or a :data:`MIXED` or
+    :data:`DENSE` one)."""
     if label in SOURCES:
         return source_run(label, "global-0.9", seed) / "model.safetensors"
-    noniid, iid = (
-        load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES
-    )
-    mixed = {n: (iid if n.startswith(MIXED[label]) else noniid)[n] for n in noniid}
+    if label in DENSE:
+        split, per_unit = DENSE[label]
+        dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
+        mixed = magnitude_mask(dense, per_unit)
+    else:
+        noniid, iid = (
+            load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES
+        )
+        mixed = {n: (iid if n.startswith(MIXED[label]) else noniid)[n] for n in noniid}
     path = out / "masks" / f"{_slug(label)}-seed{seed}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(mixed, str(path))
@@ -189,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also train the non-IID split under masks mixed per layer from the two runs",
     )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="also train the non-IID split under one-shot magnitude masks of the FedAvg runs",
+    )
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     for split in SOURCES:
@@ -200,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     conditions = [(split, mask) for split in SOURCES for mask in SOURCES]
     if args.mix:
         conditions += [("non-IID", label) for label in MIXED]
+    if args.dense:
+        conditions += [("non-IID", label) for label in DENSE]
     rows: list[dict[str, Any]] = []
     for seed in seeds:
         for split, mask_from in conditions:
