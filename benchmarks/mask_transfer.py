@@ -299,7 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sparsity": _ms(sparsity),
         }
         table.append(cell)
-        what = f"{mask_from} run" if mask_from in SOURCES else f"mixed: {mask_from}"
+        if mask_from in SOURCES:
+            what = f"{mask_from} run"
+        elif mask_from in MIXED:
+            what = f"mixed: {mask_from}"
+        else:
+            what = f"90% of {mask_from}"
         print(
             f"| {split} | {what} | {len(sel)} | {_fmt(accs)} | {_fmt(gaps)} "
             f"| {_fmt(prog)} | {_fmt(sparsity)} |"
