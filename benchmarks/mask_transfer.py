@@ -142,10 +142,21 @@ def tail_of(run_dir: Path) -> float:
     return acc
 
 
+def _units(mask: torch.Tensor) -> dict[str, float]:
+    """How a weight matrix's kept entries spread over its output units (rows)."""
+    per_row = mask.sum(dim=1).float()
+    top = per_row.sort(descending=True).values[:10].sum()
+    return {
+        "units_with_inputs": int((per_row > 0).sum()),
+        "median_per_unit": float(per_row.median()),
+        "top10_share": float(top / per_row.sum()) if per_row.sum() > 0 else 0.0,
+    }
+
+
 def mask_overlap(seed: int) -> list[dict[str, Any]]:
-    """Per weight tensor: weights kept by the non-IID and the IID run's final mask, and the
+    """Per weight tensor: weights kept by the non-IID and the IID run's final mask, the
     Jaccard overlap of the two (a random pair of masks of those sizes overlaps by about
-    the product of their densities)."""
+    the product of their densities), and how each spreads over the output units."""
     a, b = (load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES)
     out = []
     for n in a:
@@ -159,6 +170,8 @@ def mask_overlap(seed: int) -> list[dict[str, Any]]:
                     "kept_noniid": int(ma.sum()),
                     "kept_iid": int(mb.sum()),
                     "jaccard": float((ma & mb).sum() / (ma | mb).sum()),
+                    "units_noniid": _units(ma),
+                    "units_iid": _units(mb),
                 }
             )
     return out
@@ -310,12 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {_fmt(prog)} | {_fmt(sparsity)} |"
         )
     overlap = [o for seed in seeds for o in mask_overlap(seed)]
-    print("\n| seed | tensor | weights | kept, non-IID run | kept, IID run | Jaccard |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| seed | tensor | weights | kept, non-IID / IID run | Jaccard "
+        "| units with inputs | median kept per unit | top-10 units' share % |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for o in overlap:
+        u, v = o["units_noniid"], o["units_iid"]
         print(
-            f"| {o['seed']} | {o['tensor']} | {o['size']} | {o['kept_noniid']} "
-            f"| {o['kept_iid']} | {o['jaccard']:.3f} |"
+            f"| {o['seed']} | {o['tensor']} | {o['size']} | {o['kept_noniid']} / "
+            f"{o['kept_iid']} | {o['jaccard']:.3f} "
+            f"| {u['units_with_inputs']} / {v['units_with_inputs']} "
+            f"| {u['median_per_unit']:g} / {v['median_per_unit']:g} "
+            f"| {100 * u['top10_share']:.1f} / {100 * v['top10_share']:.1f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/mask_transfer.py " + " ".join(argv or sys.argv[1:])
