@@ -122,6 +122,7 @@ if TYPE_CHECKING:
 
 _REINIT_TAG = 0x5EED
 GUARD_PREFIX = "guard/"
+"""Prefix of the snapshot's tensors in a judge round's payload."""
 GUARD_COUNTS = (
     "guard_correct_new",
     "guard_correct_old",
@@ -130,7 +131,6 @@ GUARD_COUNTS = (
     "guard_total",
 )
 """The counts a client reports in a judge round (metrics of its fit reply)."""
-"""Prefix of the snapshot's tensors in a judge round's payload."""
 K_STEP = 0.7
 """Factor of the adaptive k schedule (see the module docstring)."""
 K_MIN = 0.01
@@ -380,11 +380,10 @@ class AutoStructuredServer(ServerMethod):
         assert self.trial is not None
         trial, self.trial = self.trial, None
         s = self.cfg.structured
-        new = sum(r.payload.metrics.get("guard_correct_new", 0.0) for r in replies)
-        old = sum(r.payload.metrics.get("guard_correct_old", 0.0) for r in replies)
-        total = sum(r.payload.metrics.get("guard_total", 0.0) for r in replies)
-        new_only = sum(r.payload.metrics.get("guard_new_only", 0.0) for r in replies)
-        old_only = sum(r.payload.metrics.get("guard_old_only", 0.0) for r in replies)
+        pooled = {k: sum(r.payload.metrics.get(k, 0.0) for r in replies) for k in GUARD_COUNTS}
+        new, old = pooled["guard_correct_new"], pooled["guard_correct_old"]
+        new_only, old_only = pooled["guard_new_only"], pooled["guard_old_only"]
+        total = pooled["guard_total"]
         metrics["guard_samples"] = float(total)
         drop = se = 0.0
         if total > 0:
