@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from fedprune.methods.base import ClientMethod, ServerMethod
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
 from fedprune.rundir import read_metrics
-from reproduce import RESULTS, ROOT, _slug, load_config, run_one, tail_accuracy
+from reproduce import RESULTS, ROOT, _ms, _slug, load_config, run_one, tail_accuracy
 
 CONFIG = ROOT / "configs" / "fedsparsify-fmnist-100c-noniid.toml"
 SOURCES = {
@@ -346,12 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _ms(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _fmt(values: Sequence[float]) -> str:
+    """Mean ± std in two decimals (the ± part whenever there are several seeds)."""
     mean, std = _ms(values)
+    assert mean is not None and std is not None
     return f"{mean:.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
 
 
