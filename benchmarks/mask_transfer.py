@@ -39,6 +39,7 @@ importing this module registers it (``[fixedmask] source``, a ``model.safetensor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -104,15 +105,15 @@ class FixedMaskServer(ServerMethod):
         self.scope = prunable_names(model, cfg.pruning.scope)
         shapes = {n: p.shape for n, p in model.named_parameters()}
         self.source_masks = load_mask(Path(self.opts.source), self.scope, shapes)
+        kept = sum(int(m.sum()) for m in self.source_masks.values())
+        self.sparsity = 1 - kept / sum(m.numel() for m in self.source_masks.values())
 
     def setup(self, io: Any) -> None:
         self.masks = self.source_masks
         apply_masks(self.model, self.masks)
 
     def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
-        kept = sum(int(m.sum()) for m in self.source_masks.values())
-        total = sum(m.numel() for m in self.source_masks.values())
-        return {"target_sparsity": 1 - kept / total}
+        return {"target_sparsity": self.sparsity}
 
 
 register(
@@ -133,6 +134,7 @@ def source_run(split: str, variant: str, seed: int) -> Path:
     return SOURCES[split] / f"{variant}-seed{seed}"
 
 
+@functools.cache
 def tail_of(run_dir: Path) -> float:
     """Last-10% accuracy of a finished run directory."""
     acc = tail_accuracy(read_metrics(run_dir))
