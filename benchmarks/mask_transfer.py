@@ -53,7 +53,9 @@ from safetensors.torch import load_file, save_file
 from fedprune.core.masks import Masks, apply_masks, prunable_names
 from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
+from fedprune.experiment import load_federation, state_fingerprint
 from fedprune.methods.base import ClientMethod, ServerMethod
+from fedprune.models.registry import build_model
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
 from fedprune.rundir import read_metrics
@@ -184,22 +186,109 @@ the non-IID run); trained on the non-IID split only."""
 
 
 DENSE = {
-    "FedAvg non-IID, global": ("non-IID", False),
-    "FedAvg IID, global": ("IID", False),
-    "FedAvg non-IID, per unit": ("non-IID", True),
+    "FedAvg non-IID, global": ("non-IID", "global"),
+    "FedAvg IID, global": ("IID", "global"),
+    "FedAvg non-IID, per unit": ("non-IID", "per unit"),
+    "FedAvg non-IID, moved from init": ("non-IID", "moved"),
+    "FedAvg IID, moved from init": ("IID", "moved"),
+    "FedAvg non-IID, weight x input std": ("non-IID", "activation"),
+    "FedAvg non-IID, random per layer": ("non-IID", "random"),
 }
-"""``--dense``: mask label -> (split, per unit) of a one-shot magnitude mask at 90% of the
-weights, from the final model of that split's FedAvg run: one global threshold, or the
-same number of weights per layer spread evenly over the layer's output units (each
-unit keeps its largest incoming weights); trained on the non-IID split only."""
+"""``--dense``: mask label -> (split, rule) of a one-shot mask at 90% of the weights, from
+the final model of that split's FedAvg run: its largest weights by magnitude with one
+global threshold (``global``); the same number of weights per layer spread evenly over
+the layer's output units, each unit keeping its largest incoming weights (``per
+unit``); or the weights that moved furthest from their initial values, ``|w - w0|``,
+with one global threshold (``moved``); or, with the per-layer counts of ``global``, each
+layer's largest ``|w_ij| * std(x_j)``, ``std(x_j)`` the standard deviation of the layer's
+input ``j`` over all clients' training samples (``activation``: Wanda's score with the
+spread instead of the norm of the input, so a weight on a constant input, which acts as
+a bias, scores 0; clients could report the sums and sums of squares, 2 x 784 numbers for
+``fc1``); or, with the same per-layer counts, positions drawn at random (``random``,
+seeded by the run's seed). Trained on the non-IID split only."""
 
 
-def magnitude_mask(model: dict[str, torch.Tensor], per_unit: bool) -> dict[str, torch.Tensor]:
-    """Keep the 10% largest weights (one global threshold over the weight matrices); with
-    ``per_unit`` each layer keeps as many, spread evenly over its rows (output units)."""
-    weights = {n: t.abs() for n, t in model.items() if n.endswith("weight")}
+def input_std(model_state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Per linear layer's weight name: the standard deviation of each of its inputs over
+    every client's training samples, with ``model_state`` loaded into the source runs'
+    model."""
+    cfg = load_config(CONFIG, [f"seed={seed}"])
+    fed = load_federation(cfg)
+    model = build_model(
+        cfg.model.name, fed.input_shape, fed.num_classes, hidden=cfg.model.hidden or None, seed=seed
+    )
+    model.load_state_dict(model_state)
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def hook(name: str) -> Any:
+        def record(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], _o: Any) -> None:
+            x = args[0].flatten(1)
+            sums[name] = sums.get(name, 0) + x.sum(0, dtype=torch.float64)
+            squares[name] = squares.get(name, 0) + x.pow(2).sum(0, dtype=torch.float64)
+
+        return record
+
+    handles = [
+        m.register_forward_hook(hook(f"{n}.weight"))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        for client in fed.clients:
+            for chunk in client.x_train.split(1024):
+                model(chunk)
+                count += len(chunk)
+    for h in handles:
+        h.remove()
+    return {
+        n: (squares[n] / count - (v / count) ** 2).clamp(min=0).sqrt().float()
+        for n, v in sums.items()
+    }
+
+
+def initial_weights(seed: int) -> dict[str, torch.Tensor]:
+    """The weights the source runs of ``seed`` started from (checked by ``init_sha``)."""
+    cfg = load_config(CONFIG, [f"seed={seed}"])
+    model = build_model(cfg.model.name, (1, 28, 28), 10, hidden=cfg.model.hidden or None, seed=seed)
+    sha = json.loads((source_run("non-IID", "fedavg", seed) / "summary.json").read_text())
+    if sha.get("init_sha") != state_fingerprint(model.state_dict()):
+        raise SystemExit(f"seed {seed}: the rebuilt initial model differs from the source run's")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def one_shot_mask(
+    model: dict[str, torch.Tensor],
+    rule: str,
+    init: dict[str, torch.Tensor] | None = None,
+    spread: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Keep 10% of the weight matrices' entries by ``rule`` (see :data:`DENSE`); ``init``
+    (the initial weights) is needed for ``moved``, ``spread`` (:func:`input_std`) for
+    ``activation``; ``seed`` draws the ``random`` positions."""
+    if rule == "moved":
+        assert init is not None
+        weights = {n: (t - init[n]).abs() for n, t in model.items() if n.endswith("weight")}
+    else:
+        weights = {n: t.abs() for n, t in model.items() if n.endswith("weight")}
     keep = select_lowest(weights, 0.9)
-    if not per_unit:
+    if rule in ("activation", "random"):
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for n, w in weights.items():
+            if rule == "random":
+                score = torch.rand(w.numel(), generator=gen)
+            else:
+                assert spread is not None
+                score = (w * spread[n].unsqueeze(0)).flatten()
+            m = torch.zeros_like(score)
+            m[score.topk(int(keep[n].sum())).indices] = 1.0
+            out[n] = m.view_as(w)
+        return out
+    if rule != "per unit":
         return {n: m.float() for n, m in keep.items()}
     out = {}
     for n, w in weights.items():
@@ -212,15 +301,53 @@ def magnitude_mask(model: dict[str, torch.Tensor], per_unit: bool) -> dict[str, 
     return out
 
 
+def movement(seed: int) -> list[dict[str, Any]]:
+    """Per split and weight tensor of the FedAvg runs: how far the final weights moved
+    from the initial ones (RMS), how much the final magnitudes still follow the initial
+    ones (Pearson correlation of ``|w|`` and ``|w0|``), and the share of the 10% largest
+    final weights that were already among the 10% largest initial weights (10% if
+    unrelated)."""
+    init = initial_weights(seed)
+    out = []
+    for split in SOURCES:
+        final = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
+        for n, w in final.items():
+            if not n.endswith("weight"):
+                continue
+            w0 = init[n]
+            k = max(1, w.numel() // 10)
+            top = set(w.abs().flatten().topk(k).indices.tolist())
+            top0 = set(w0.abs().flatten().topk(k).indices.tolist())
+            pair = torch.stack([w.abs().flatten(), w0.abs().flatten()])
+            out.append(
+                {
+                    "seed": seed,
+                    "split": split,
+                    "tensor": n,
+                    "init_rms": float(w0.pow(2).mean().sqrt()),
+                    "moved_rms": float((w - w0).pow(2).mean().sqrt()),
+                    "corr_final_init": float(torch.corrcoef(pair)[0, 1]),
+                    "top10_from_init": len(top & top0) / k,
+                }
+            )
+    return out
+
+
 def mask_file(label: str, seed: int, out: Path) -> Path:
     """The model file whose zeros are the mask ``label`` (a split, or a :data:`MIXED` or
     :data:`DENSE` one)."""
     if label in SOURCES:
         return source_run(label, "global-0.9", seed) / "model.safetensors"
     if label in DENSE:
-        split, per_unit = DENSE[label]
+        split, rule = DENSE[label]
         dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
-        mixed = magnitude_mask(dense, per_unit)
+        mixed = one_shot_mask(
+            dense,
+            rule,
+            init=initial_weights(seed) if rule == "moved" else None,
+            spread=input_std(dense, seed) if rule == "activation" else None,
+            seed=seed,
+        )
     else:
         noniid, iid = (
             load_file(source_run(s, "global-0.9", seed) / "model.safetensors") for s in SOURCES
@@ -338,9 +465,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {u['median_per_unit']:g} / {v['median_per_unit']:g} "
             f"| {100 * u['top10_share']:.1f} / {100 * v['top10_share']:.1f} |"
         )
+    moved = [m for seed in seeds for m in movement(seed)] if args.dense else []
+    if moved:
+        print(
+            "\n| seed | split | tensor | initial RMS | moved RMS, final − initial "
+            "| corr(abs final, abs initial) | top 10% final also top 10% initial |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for m in moved:
+            print(
+                f"| {m['seed']} | {m['split']} | {m['tensor']} | {m['init_rms']:.4f} "
+                f"| {m['moved_rms']:.4f} | {m['corr_final_init']:.3f} "
+                f"| {100 * m['top10_from_init']:.1f}% |"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/mask_transfer.py " + " ".join(argv or sys.argv[1:])
-    payload = {"command": command, "seeds": seeds, "runs": rows, "table": table, "overlap": overlap}
+    payload = {
+        "command": command,
+        "seeds": seeds,
+        "runs": rows,
+        "table": table,
+        "overlap": overlap,
+        "movement": moved,
+    }
     path = args.out / "mask-transfer.json"
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     print(f"\nwritten: {path}")

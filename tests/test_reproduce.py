@@ -272,3 +272,48 @@ def test_fixed_mask_method_trains_under_the_source_models_zeros(
     save_file({"unrelated": torch.zeros(3)}, str(other))
     with pytest.raises(ConfigError, match="has no tensor"):
         run_experiment(fixed("bad", other))
+
+
+def test_one_shot_mask_rules_keep_the_same_counts_and_differ_where_they_should(
+    mt: ModuleType,
+) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    model = {
+        "fc1.weight": torch.randn(16, 12, generator=gen),
+        "fc1.bias": torch.randn(16, generator=gen),
+        "fc2.weight": torch.randn(4, 16, generator=gen) * 3,
+    }
+    init = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in model.items()}
+    init["fc1.weight"][:, 0] = model["fc1.weight"][:, 0]  # input 0's weights never moved
+    spread = {"fc1.weight": torch.ones(12), "fc2.weight": torch.ones(16)}
+    spread["fc1.weight"][1] = 0.0  # input 1 is constant: its weights act as a bias
+    model["fc1.weight"][:, 1] *= 100  # and are the largest
+    glob = mt.one_shot_mask(model, "global")
+    assert set(glob) == {"fc1.weight", "fc2.weight"}  # weights only
+    total = sum(int(m.sum()) for m in glob.values())
+    assert total == round(0.1 * (16 * 12 + 4 * 16))
+    assert glob["fc1.weight"][:, 1].sum() > 0  # magnitude keeps the bias-like weights
+    rules = {
+        "per unit": {},
+        "moved": {"init": init},
+        "activation": {"spread": spread},
+        "random": {"seed": 1},
+    }
+    masks = {r: mt.one_shot_mask(model, r, **kw) for r, kw in rules.items()}
+    for rule, m in masks.items():
+        assert set(m) == set(glob)
+        assert sum(int(t.sum()) for t in m.values()) == total, rule
+        for n in glob:
+            assert set(m[n].unique().tolist()) <= {0.0, 1.0}
+            if rule != "moved":  # its own global threshold; the others keep glob's split
+                assert int(m[n].sum()) == int(glob[n].sum()), (rule, n)
+    assert masks["moved"]["fc1.weight"][:, 0].sum() == 0  # unmoved weights go first
+    assert masks["activation"]["fc1.weight"][:, 1].sum() == 0  # a constant input scores 0
+    rows = masks["per unit"]["fc1.weight"].sum(1)
+    assert rows.max() - rows.min() <= 1  # spread evenly over the output units
+    again = mt.one_shot_mask(model, "random", seed=1)
+    other = mt.one_shot_mask(model, "random", seed=2)
+    assert all(torch.equal(again[n], masks["random"][n]) for n in glob)
+    assert any(not torch.equal(other[n], masks["random"][n]) for n in glob)
