@@ -14,10 +14,13 @@ started from), on either split:
   run and the rest from the non-IID run, and the other way round), to find the layer
   whose mask matters. A mixed mask keeps a slightly different number of weights (the
   two runs split the global budget differently between layers); the table shows it;
-- with ``--dense``, the non-IID split under one-shot magnitude masks at 90% taken from
-  the final model of the FedAvg run of either split (one global threshold), and from the
-  non-IID one with each layer's weights spread evenly over its output units, to tell
-  whether non-IID magnitudes give a bad mask, and whether it is their spread over units.
+- with ``--dense``, the non-IID split under one-shot masks at 90% taken from the final
+  model of the FedAvg run of either split: by magnitude (one global threshold), and from
+  the non-IID one with each layer's weights spread evenly over its output units, by
+  distance from the initial weights, by weight x input spread, and at random (see
+  :data:`DENSE`), to tell whether non-IID magnitudes give a bad mask, and whether
+  another score of the same model gives a better one. It also prints how far each
+  FedAvg model's weights moved from their initial values.
 
 If the non-IID split trains as well under the IID run's mask as under its own, the mask
 is not the cause; if it trains better, the non-IID run chose a worse mask. The source
