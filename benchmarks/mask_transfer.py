@@ -135,6 +135,76 @@ register(
 )
 
 
+@dataclass
+class EmaConfig:
+    """``[fedavgema]``: the running average of the global models."""
+
+    decay: float = key(0.9, "weight of the previous average at each round", ge=0, lt=1)
+    out: str = key("", "where the average is written (safetensors) after the last round")
+
+
+class EmaFedAvgServer(ServerMethod):
+    """FedAvg that also keeps an exponential moving average of the global models over
+    the rounds (the average after round t is ``decay * previous + (1 - decay) * w_t``)
+    and writes it to ``fedavgema.out`` after the last round. Training is FedAvg's: the
+    average is only read, never sent."""
+
+    name = "fedavg-ema"
+    checkpoint_attrs = ("ema",)
+
+    def __init__(self, cfg: Any, spec: Any, model: torch.nn.Module) -> None:
+        super().__init__(cfg, spec, model)
+        self.opts: EmaConfig = cfg.section("fedavgema")
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
+        now = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        if self.ema is None:
+            self.ema = now
+        else:
+            for n, t in now.items():
+                self.ema[n].mul_(self.opts.decay).add_(t, alpha=1 - self.opts.decay)
+        if rnd == self.cfg.federation.rounds and self.opts.out:
+            save_file(self.ema, self.opts.out)
+        return {}
+
+
+register(
+    MethodInfo(
+        "fedavg-ema",
+        EmaFedAvgServer,
+        ClientMethod,
+        "FedAvg that writes a moving average of its global models after the last round.",
+        "benchmarks/mask_transfer.py",
+        section="fedavgema",
+        config=EmaConfig,
+    ),
+    replace=True,
+)
+
+
+def ema_model(seed: int, out: Path, resume: bool, extra: Sequence[str]) -> Path:
+    """Train FedAvg on the non-IID split (the source FedAvg run's config and seed) with
+    :class:`EmaFedAvgServer`; the path of the average it writes."""
+    rd = out / "runs" / f"non-IID-fedavg-ema-seed{seed}"
+    path = rd / "ema.safetensors"
+    cfg = load_config(
+        CONFIG,
+        ["method='fedavg-ema'", f"fedavgema.out='{path}'", f"seed={seed}", *extra],
+    )
+    print(f"non-IID data, FedAvg with a moving average, seed {seed} -> {rd}", flush=True)
+    run_one(cfg, rd, resume)
+    if not path.is_file():
+        raise SystemExit(f"{rd} finished without writing {path}")
+    source = source_run("non-IID", "fedavg", seed)
+    print(
+        f"  last-10% accuracy {100 * tail_of(rd):.2f}% (the source FedAvg run: "
+        f"{100 * tail_of(source):.2f}%)",
+        flush=True,
+    )
+    return path
+
+
 def source_run(split: str, variant: str, seed: int) -> Path:
     return SOURCES[split] / f"{variant}-seed{seed}"
 
@@ -196,6 +266,7 @@ DENSE = {
     "FedAvg IID, moved from init": ("IID", "moved"),
     "FedAvg non-IID, weight x input std": ("non-IID", "activation"),
     "FedAvg non-IID, random per layer": ("non-IID", "random"),
+    "FedAvg non-IID moving average, global": ("non-IID EMA", "global"),
 }
 """``--dense``: mask label -> (split, rule) of a one-shot mask at 90% of the weights, from
 the final model of that split's FedAvg run: its largest weights by magnitude with one
@@ -208,7 +279,9 @@ input ``j`` over all clients' training samples (``activation``: Wanda's score wi
 spread instead of the norm of the input, so a weight on a constant input, which acts as
 a bias, scores 0; clients could report the sums and sums of squares, 2 x 784 numbers for
 ``fc1``); or, with the same per-layer counts, positions drawn at random (``random``,
-seeded by the run's seed). Trained on the non-IID split only."""
+seeded by the run's seed). Split ``non-IID EMA``: the moving average of the non-IID
+FedAvg run's global models over the rounds (:class:`EmaFedAvgServer`, decay 0.9, about
+the last 10 rounds) instead of its final model. Trained on the non-IID split only."""
 
 
 def input_std(model_state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -343,7 +416,10 @@ def mask_file(label: str, seed: int, out: Path) -> Path:
         return source_run(label, "global-0.9", seed) / "model.safetensors"
     if label in DENSE:
         split, rule = DENSE[label]
-        dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
+        if split == "non-IID EMA":
+            dense = load_file(out / "runs" / f"non-IID-fedavg-ema-seed{seed}" / "ema.safetensors")
+        else:
+            dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
         mixed = one_shot_mask(
             dense,
             rule,
@@ -392,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dense:
         conditions += [("non-IID", label) for label in DENSE]
     rows: list[dict[str, Any]] = []
+    if args.dense:
+        for seed in seeds:
+            ema_model(seed, args.out, args.resume, args.extra)
     for seed in seeds:
         for split, mask_from in conditions:
             src = mask_file(mask_from, seed, args.out)

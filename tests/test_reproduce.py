@@ -317,3 +317,33 @@ def test_one_shot_mask_rules_keep_the_same_counts_and_differ_where_they_should(
     other = mt.one_shot_mask(model, "random", seed=2)
     assert all(torch.equal(again[n], masks["random"][n]) for n in glob)
     assert any(not torch.equal(other[n], masks["random"][n]) for n in glob)
+
+
+def test_fedavg_ema_writes_the_moving_average_of_the_global_models(
+    mt: ModuleType, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from fedprune.config import load_config
+    from fedprune.experiment import run_experiment
+
+    def run(rounds: int, decay: float) -> tuple[dict[str, torch.Tensor], Path]:
+        out = tmp_path / f"ema-{rounds}.safetensors"
+        res = run_experiment(
+            load_config(
+                overrides=[f"out='{tmp_path}'", f"name='r{rounds}'", "method='fedavg-ema'",
+                           f"fedavgema.out='{out}'", f"fedavgema.decay={decay}"],
+                values={"data.num_clients": 4, "federation.rounds": rounds},
+            )
+        )  # fmt: skip
+        return {n: p.detach() for n, p in res.model.named_parameters()}, out
+
+    first, out1 = run(1, 0.25)
+    assert all(torch.equal(load_file(out1)[n], t) for n, t in first.items())  # w_1
+    second, out2 = run(2, 0.25)
+    ema = load_file(out2)
+    assert set(ema) == set(second)
+    for n, t in second.items():  # 0.25 w_1 + 0.75 w_2, and not the final model alone
+        assert torch.allclose(ema[n], 0.25 * first[n] + 0.75 * t, atol=1e-6), n
+    assert any(not torch.allclose(ema[n], t) for n, t in second.items())
