@@ -58,6 +58,7 @@ from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
 from fedprune.experiment import load_federation, state_fingerprint
 from fedprune.methods.base import ClientMethod, ServerMethod
+from fedprune.methods.fedsparsify import FedSparsifyClient, FedSparsifyGlobalServer
 from fedprune.models.registry import build_model
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
@@ -143,13 +144,14 @@ class EmaConfig:
     out: str = key("", "where the average is written (safetensors) after the last round")
 
 
-class EmaFedAvgServer(ServerMethod):
-    """FedAvg that also keeps an exponential moving average of the global models over
-    the rounds (the average after round t is ``decay * previous + (1 - decay) * w_t``)
-    and writes it to ``fedavgema.out`` after the last round. Training is FedAvg's: the
-    average is only read, never sent."""
+class MovingAverage(ServerMethod):
+    """Mixin for a server half: keep an exponential moving average of the global models
+    over the rounds (after round t, ``decay * previous + (1 - decay) * w_t``, taken after
+    the method's own ``after_aggregate``, so after any pruning) and write it to
+    ``fedavgema.out`` after the last round, with the final mask's zeros applied (so a
+    pruned method's average is as sparse as its final model). Training is unchanged:
+    the average is only read, never sent."""
 
-    name = "fedavg-ema"
     checkpoint_attrs = ("ema",)
 
     def __init__(self, cfg: Any, spec: Any, model: torch.nn.Module) -> None:
@@ -158,6 +160,7 @@ class EmaFedAvgServer(ServerMethod):
         self.ema: dict[str, torch.Tensor] | None = None
 
     def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
+        out = super().after_aggregate(rnd, replies)
         now = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         if self.ema is None:
             self.ema = now
@@ -165,44 +168,71 @@ class EmaFedAvgServer(ServerMethod):
             for n, t in now.items():
                 self.ema[n].mul_(self.opts.decay).add_(t, alpha=1 - self.opts.decay)
         if rnd == self.cfg.federation.rounds and self.opts.out:
-            save_file(self.ema, self.opts.out)
-        return {}
+            masks = self.masks or {}
+            final = {n: t * masks[n] if n in masks else t for n, t in self.ema.items()}
+            save_file(final, self.opts.out)
+        return out
 
 
-register(
-    MethodInfo(
-        "fedavg-ema",
-        EmaFedAvgServer,
-        ClientMethod,
-        "FedAvg that writes a moving average of its global models after the last round.",
-        "benchmarks/mask_transfer.py",
-        section="fedavgema",
-        config=EmaConfig,
-    ),
-    replace=True,
-)
+class EmaFedAvgServer(MovingAverage):
+    """FedAvg with :class:`MovingAverage`."""
+
+    name = "fedavg-ema"
 
 
-def ema_model(seed: int, out: Path, resume: bool, extra: Sequence[str]) -> Path:
-    """Train FedAvg on the non-IID split (the source FedAvg run's config and seed) with
-    :class:`EmaFedAvgServer`; the path of the average it writes."""
-    rd = out / "runs" / f"non-IID-fedavg-ema-seed{seed}"
+class EmaGlobalServer(MovingAverage, FedSparsifyGlobalServer):
+    """FedSparsify Global with :class:`MovingAverage`."""
+
+    name = "fedsparsify-global-ema"
+
+
+for _server, _client, _what in (
+    (EmaFedAvgServer, ClientMethod, "FedAvg"),
+    (EmaGlobalServer, FedSparsifyClient, "FedSparsify Global"),
+):
+    register(
+        MethodInfo(
+            _server.name,
+            _server,
+            _client,
+            f"{_what} that writes a moving average of its global models after the last round.",
+            "benchmarks/mask_transfer.py",
+            section="fedavgema",
+            config=EmaConfig,
+        ),
+        replace=True,
+    )
+
+EMA_OF = {"fedavg": "fedavg-ema", "global-0.9": "fedsparsify-global-ema"}
+"""Source variant -> the method that trains it again with :class:`MovingAverage`."""
+
+
+def ema_model(
+    variant: str, seed: int, out: Path, resume: bool, extra: Sequence[str]
+) -> dict[str, Any]:
+    """Train the source ``variant`` (a key of :data:`EMA_OF`) again on the non-IID split
+    (its config and seed) with :class:`MovingAverage`, which writes the average; the test
+    accuracy of its final model and of the average."""
+    rd = out / "runs" / f"non-IID-{variant}-ema-seed{seed}"
     path = rd / "ema.safetensors"
     cfg = load_config(
         CONFIG,
-        ["method='fedavg-ema'", f"fedavgema.out='{path}'", f"seed={seed}", *extra],
+        [f"method='{EMA_OF[variant]}'", f"fedavgema.out='{path}'", f"seed={seed}", *extra],
     )
-    print(f"non-IID data, FedAvg with a moving average, seed {seed} -> {rd}", flush=True)
+    print(f"non-IID data, {variant} with a moving average, seed {seed} -> {rd}", flush=True)
     run_one(cfg, rd, resume)
     if not path.is_file():
         raise SystemExit(f"{rd} finished without writing {path}")
-    source = source_run("non-IID", "fedavg", seed)
+    source = source_run("non-IID", variant, seed)
+    final = accuracy_on_test(load_file(rd / "model.safetensors"), seed)
+    average = accuracy_on_test(load_file(path), seed)
     print(
-        f"  last-10% accuracy {100 * tail_of(rd):.2f}% (the source FedAvg run: "
-        f"{100 * tail_of(source):.2f}%)",
+        f"  last-10% accuracy {100 * tail_of(rd):.2f}% (the source run: "
+        f"{100 * tail_of(source):.2f}%); test accuracy of the final model "
+        f"{100 * final:.2f}%, of the moving average {100 * average:.2f}%",
         flush=True,
     )
-    return path
+    return {"variant": variant, "seed": seed, "final_model": final, "moving_average": average}
 
 
 def source_run(split: str, variant: str, seed: int) -> Path:
@@ -284,17 +314,37 @@ FedAvg run's global models over the rounds (:class:`EmaFedAvgServer`, decay 0.9,
 the last 10 rounds) instead of its final model. Trained on the non-IID split only."""
 
 
-def input_std(model_state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Per linear layer's weight name: the standard deviation of each of its inputs over
-    every client's training samples, with ``model_state`` loaded into the source runs'
-    model."""
+@functools.cache
+def federation(seed: int) -> Any:
+    """The source runs' federation (clients' data and test set) for ``seed``."""
+    return load_federation(load_config(CONFIG, [f"seed={seed}"]))
+
+
+def loaded(model_state: dict[str, torch.Tensor], seed: int) -> torch.nn.Module:
+    """The source runs' model with ``model_state`` loaded, in eval mode."""
     cfg = load_config(CONFIG, [f"seed={seed}"])
-    fed = load_federation(cfg)
+    fed = federation(seed)
     model = build_model(
         cfg.model.name, fed.input_shape, fed.num_classes, hidden=cfg.model.hidden or None, seed=seed
     )
     model.load_state_dict(model_state)
-    model.eval()
+    return model.eval()
+
+
+def accuracy_on_test(model_state: dict[str, torch.Tensor], seed: int) -> float:
+    """Accuracy of ``model_state`` on the global test set."""
+    fed = federation(seed)
+    with torch.no_grad():
+        logits = loaded(model_state, seed)(fed.x_test)
+    return float((logits.argmax(1) == fed.y_test).float().mean())
+
+
+def input_std(model_state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Per linear layer's weight name: the standard deviation of each of its inputs over
+    every client's training samples, with ``model_state`` loaded into the source runs'
+    model."""
+    fed = federation(seed)
+    model = loaded(model_state, seed)
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
     count = 0
@@ -450,6 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also train the non-IID split under masks mixed per layer from the two runs",
     )
     p.add_argument(
+        "--average",
+        action="store_true",
+        help="train FedAvg and Global 0.9 again on the non-IID split with a moving average "
+        "of their global models, and compare the averages' test accuracy",
+    )
+    p.add_argument(
         "--dense",
         action="store_true",
         help="also train the non-IID split under one-shot magnitude masks of the FedAvg runs",
@@ -468,9 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dense:
         conditions += [("non-IID", label) for label in DENSE]
     rows: list[dict[str, Any]] = []
-    if args.dense:
-        for seed in seeds:
-            ema_model(seed, args.out, args.resume, args.extra)
+    averaged = ["fedavg"] if args.dense else []
+    if args.average:
+        averaged = list(EMA_OF)
+    averages = [ema_model(v, s, args.out, args.resume, args.extra) for s in seeds for v in averaged]
     for seed in seeds:
         for split, mask_from in conditions:
             src = mask_file(mask_from, seed, args.out)
@@ -560,6 +617,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {m['moved_rms']:.4f} | {m['corr_final_init']:.3f} "
                 f"| {100 * m['top10_from_init']:.1f}% |"
             )
+    if averages:
+        print(
+            "\n| non-IID run | seeds | final model, test acc % "
+            "| moving average of its global models (decay 0.9), test acc % |"
+        )
+        print("| --- | --- | --- | --- |")
+        for v in averaged:
+            sel = [a for a in averages if a["variant"] == v]
+            finals = [100 * a["final_model"] for a in sel]
+            means = [100 * a["moving_average"] for a in sel]
+            print(f"| {v} | {len(sel)} | {_fmt(finals)} | {_fmt(means)} |")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/mask_transfer.py " + " ".join(argv or sys.argv[1:])
     payload = {
@@ -569,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table": table,
         "overlap": overlap,
         "movement": moved,
+        "moving_average": averages,
     }
     path = args.out / "mask-transfer.json"
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

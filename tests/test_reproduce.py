@@ -347,3 +347,29 @@ def test_fedavg_ema_writes_the_moving_average_of_the_global_models(
     for n, t in second.items():  # 0.25 w_1 + 0.75 w_2, and not the final model alone
         assert torch.allclose(ema[n], 0.25 * first[n] + 0.75 * t, atol=1e-6), n
     assert any(not torch.allclose(ema[n], t) for n, t in second.items())
+
+
+def test_pruned_moving_average_carries_the_final_mask(mt: ModuleType, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from fedprune.config import load_config
+    from fedprune.experiment import run_experiment
+
+    out = tmp_path / "ema.safetensors"
+    res = run_experiment(
+        load_config(
+            overrides=[f"out='{tmp_path}'", "name='g'", "method='fedsparsify-global-ema'",
+                       f"fedavgema.out='{out}'", "fedavgema.decay=0.5"],
+            values={"data.num_clients": 4, "federation.rounds": 3,
+                    "pruning.final_sparsity": 0.7},
+        )
+    )  # fmt: skip
+    assert res.summary["final_sparsity"] == pytest.approx(0.7, abs=0.01)
+    ema = load_file(out)
+    final = {n: p.detach() for n, p in res.model.named_parameters()}
+    pruned = [n for n in final if n.endswith("weight")]
+    for n in pruned:
+        assert torch.all(ema[n][final[n] == 0] == 0), n  # as sparse as the final model
+    # but not the final model: earlier rounds' weights are in it
+    assert any(not torch.allclose(ema[n], final[n]) for n in pruned)
