@@ -620,14 +620,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if averages:
         print(
             "\n| non-IID run | seeds | final model, test acc % "
-            "| moving average of its global models (decay 0.9), test acc % |"
+            "| moving average of its global models (decay 0.9), test acc % "
+            "| vs FedAvg's, final (pt) | vs FedAvg's, average (pt) |"
         )
-        print("| --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        fedavg = {a["seed"]: a for a in averages if a["variant"] == "fedavg"}  # always run
+        keys = ("final_model", "moving_average")
         for v in averaged:
             sel = [a for a in averages if a["variant"] == v]
-            finals = [100 * a["final_model"] for a in sel]
-            means = [100 * a["moving_average"] for a in sel]
-            print(f"| {v} | {len(sel)} | {_fmt(finals)} | {_fmt(means)} |")
+            accs = [_fmt([100 * a[k] for a in sel]) for k in keys]
+            gaps = [_fmt([100 * (a[k] - fedavg[a["seed"]][k]) for a in sel]) for k in keys]
+            print(f"| {v} | {len(sel)} | " + " | ".join(accs + gaps) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/mask_transfer.py " + " ".join(argv or sys.argv[1:])
     payload = {
