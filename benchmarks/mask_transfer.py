@@ -20,7 +20,11 @@ started from), on either split:
   distance from the initial weights, by weight x input spread, and at random (see
   :data:`DENSE`), to tell whether non-IID magnitudes give a bad mask, and whether
   another score of the same model gives a better one. It also prints how far each
-  FedAvg model's weights moved from their initial values.
+  FedAvg model's weights moved from their initial values;
+- with ``--average``, FedAvg and Global 0.9 trained again on the non-IID split with a
+  moving average of their global models kept on the server (methods ``fedavg-ema`` and
+  ``fedsparsify-global-ema``, defined here), to compare the averages' test accuracy:
+  is the gap to FedAvg round-to-round noise that averaging removes?
 
 If the non-IID split trains as well under the IID run's mask as under its own, the mask
 is not the cause; if it trains better, the non-IID run chose a worse mask. The source
