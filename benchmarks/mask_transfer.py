@@ -60,10 +60,9 @@ from safetensors.torch import load_file, save_file
 from fedprune.core.masks import Masks, apply_masks, prunable_names
 from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
-from fedprune.experiment import load_federation, state_fingerprint
+from fedprune.experiment import load_federation, model_spec, state_fingerprint
 from fedprune.methods.base import ClientMethod, ServerMethod
 from fedprune.methods.fedsparsify import FedSparsifyClient, FedSparsifyGlobalServer
-from fedprune.models.registry import build_model
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
 from fedprune.rundir import read_metrics
@@ -165,9 +164,9 @@ class MovingAverage(ServerMethod):
 
     def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
         out = super().after_aggregate(rnd, replies)
-        now = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        now = {n: p.detach() for n, p in self.model.named_parameters()}
         if self.ema is None:
-            self.ema = now
+            self.ema = {n: t.clone() for n, t in now.items()}
         else:
             for n, t in now.items():
                 self.ema[n].mul_(self.opts.decay).add_(t, alpha=1 - self.opts.decay)
@@ -211,13 +210,19 @@ EMA_OF = {"fedavg": "fedavg-ema", "global-0.9": "fedsparsify-global-ema"}
 """Source variant -> the method that trains it again with :class:`MovingAverage`."""
 
 
+def ema_run(variant: str, seed: int, out: Path) -> Path:
+    """The run directory :func:`ema_model` trains ``variant`` of ``seed`` in; the average
+    is its ``ema.safetensors``."""
+    return out / "runs" / f"non-IID-{variant}-ema-seed{seed}"
+
+
 def ema_model(
     variant: str, seed: int, out: Path, resume: bool, extra: Sequence[str]
 ) -> dict[str, Any]:
     """Train the source ``variant`` (a key of :data:`EMA_OF`) again on the non-IID split
     (its config and seed) with :class:`MovingAverage`, which writes the average; the test
     accuracy of its final model and of the average."""
-    rd = out / "runs" / f"non-IID-{variant}-ema-seed{seed}"
+    rd = ema_run(variant, seed, out)
     path = rd / "ema.safetensors"
     cfg = load_config(
         CONFIG,
@@ -324,13 +329,14 @@ def federation(seed: int) -> Any:
     return load_federation(load_config(CONFIG, [f"seed={seed}"]))
 
 
+def initial_model(seed: int) -> torch.nn.Module:
+    """The source runs' model as a run of ``seed`` builds it (its initial weights)."""
+    return model_spec(load_config(CONFIG, [f"seed={seed}"]), federation(seed)).build(seed=seed)
+
+
 def loaded(model_state: dict[str, torch.Tensor], seed: int) -> torch.nn.Module:
     """The source runs' model with ``model_state`` loaded, in eval mode."""
-    cfg = load_config(CONFIG, [f"seed={seed}"])
-    fed = federation(seed)
-    model = build_model(
-        cfg.model.name, fed.input_shape, fed.num_classes, hidden=cfg.model.hidden or None, seed=seed
-    )
+    model = initial_model(seed)
     model.load_state_dict(model_state)
     return model.eval()
 
@@ -379,10 +385,10 @@ def input_std(model_state: dict[str, torch.Tensor], seed: int) -> dict[str, torc
     }
 
 
+@functools.cache
 def initial_weights(seed: int) -> dict[str, torch.Tensor]:
     """The weights the source runs of ``seed`` started from (checked by ``init_sha``)."""
-    cfg = load_config(CONFIG, [f"seed={seed}"])
-    model = build_model(cfg.model.name, (1, 28, 28), 10, hidden=cfg.model.hidden or None, seed=seed)
+    model = initial_model(seed)
     sha = json.loads((source_run("non-IID", "fedavg", seed) / "summary.json").read_text())
     if sha.get("init_sha") != state_fingerprint(model.state_dict()):
         raise SystemExit(f"seed {seed}: the rebuilt initial model differs from the source run's")
@@ -471,7 +477,7 @@ def mask_file(label: str, seed: int, out: Path) -> Path:
     if label in DENSE:
         split, rule = DENSE[label]
         if split == "non-IID EMA":
-            dense = load_file(out / "runs" / f"non-IID-fedavg-ema-seed{seed}" / "ema.safetensors")
+            dense = load_file(ema_run("fedavg", seed, out) / "ema.safetensors")
         else:
             dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
         mixed = one_shot_mask(
