@@ -113,6 +113,7 @@ METHODS = {
     ],
     "autostructured": ["method=autostructured", "structured.k=1.0", *CNN],
     "cnn6-dropout": ["method=fedavg", "model.name=cnn6"],
+    "moving-average": ["method=fedsparsify-global", "federation.average_decay=0.8", *FC],
 }
 
 
@@ -151,6 +152,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path, met
     for key in ("final_accuracy", "total_bytes_up", "total_bytes_down", "final_params"):
         assert res.summary[key] == ref.summary[key], key
     _same_weights(load_file(str(ref.run_dir / "model.safetensors")), res.model.state_dict())
+    average = ref.run_dir / "model_average.safetensors"
+    assert average.exists() == (method == "moving-average")
+    if average.exists():
+        _same_weights(load_file(str(average)), load_file(str(run_dir / average.name)))
 
 
 def test_dropout_is_seeded_per_client_task(tmp_path: Path) -> None:

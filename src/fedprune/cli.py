@@ -253,6 +253,11 @@ def run(
         f"({dense:.2f} MB as dense fp32)",
         soft_wrap=True,
     )
+    if s.get("final_average_accuracy") is not None:
+        console.print(
+            f"moving average of the global models: {100 * s['final_average_accuracy']:.2f}% "
+            f"(best {100 * s['best_average_accuracy']:.2f}%)"
+        )
     console.print(f"run directory: {result.run_dir}")
 
 

@@ -140,6 +140,14 @@ class FederationConfig:
         1, "evaluate the global model every k rounds (and the last)", ge=1, le=_BIG
     )
     local_eval: bool = _key(False, "also evaluate on the clients' local test splits")
+    average_decay: float = _key(
+        0.0,
+        "keep a moving average of the global models (`decay * average + (1 - decay) * "
+        "model` after each round), evaluate it beside the model and save it as "
+        "`model_average.safetensors`; 0: off",
+        ge=0,
+        lt=1,
+    )
     min_clients: int = _key(
         1,
         "a round needs this many accepted replies (sound, passing validation), else it is "

@@ -95,6 +95,15 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _average_summary(records: list[RoundRecord]) -> dict[str, Any]:
+    """``final_average_accuracy``/``best_average_accuracy`` of the moving average of the
+    global models (``federation.average_decay``); nothing when it was off."""
+    accs = [a for r in records if (a := r.get("average_test_accuracy")) is not None]
+    if not accs:
+        return {}
+    return {"final_average_accuracy": accs[-1], "best_average_accuracy": max(accs)}
+
+
 def summarize(
     cfg: RunConfig,
     records: list[RoundRecord],
@@ -117,6 +126,7 @@ def summarize(
         "rounds": len(records),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(a for a in accs if a is not None) if accs else None,
+        **_average_summary(records),
         "final_loss": last.get("test_loss"),
         "final_sparsity": last["sparsity"],
         "dense_params": dense["params"],
@@ -261,6 +271,9 @@ def finish_run(run: PreparedRun, records: list[RoundRecord]) -> RunResult:
             "history": getattr(server, "history", []),
         },
     )
+    average = server.average_model()
+    if average is not None:  # same architecture as model.safetensors
+        rundir.save_weights(run.run_dir / rundir.AVERAGE_WEIGHTS, average)
     plot_run(records, run.run_dir, f"{cfg.method} on {cfg.data.dataset} ({cfg.model.name})")
     return RunResult(run.run_dir, summary, records, server.model)
 

@@ -9,6 +9,8 @@ Layout::
                          fedprune.checkpoint; what ``fedprune run --resume`` reads)
       summary.json       totals and finals (written at the end)
       model.safetensors  final global weights (no pickle)
+      model_average.safetensors  with ``federation.average_decay``: the moving average
+                         of the global models, same architecture as the final model
       architecture.json  what is needed to rebuild the model: zoo name, input shape,
                          classes, per-tensor shapes, structured-pruning history
       accuracy.png, accuracy_vs_mb.png, label_distribution.png
@@ -35,6 +37,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 WEIGHTS = "model.safetensors"
+AVERAGE_WEIGHTS = "model_average.safetensors"
 ARCH = "architecture.json"
 
 
@@ -103,10 +106,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def save_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Save a model's state dict as safetensors (no pickle); returns what was saved."""
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
 def save_model(run_dir: Path, model: torch.nn.Module, architecture: dict[str, Any]) -> None:
     """Save weights as safetensors and the architecture as JSON."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / WEIGHTS))
+    state = save_weights(run_dir / WEIGHTS, model)
     arch = dict(architecture)
     arch["shapes"] = {k: list(v.shape) for k, v in state.items()}
     write_json(run_dir / ARCH, arch)

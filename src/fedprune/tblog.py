@@ -17,6 +17,7 @@ from fedprune.errors import ConfigError
 SCALARS = {
     "test_accuracy": "accuracy/test",
     "local_test_accuracy": "accuracy/local_test",
+    "average_test_accuracy": "accuracy/average_test",
     "test_loss": "loss/test",
     "train_loss": "loss/train",
     "sparsity": "model/sparsity",

@@ -265,8 +265,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("task_identity")
 def test_strategy_on_memory_grid_matches_the_inprocess_engine(tmp_path: Path) -> None:
-    ref = run_experiment(_cfg(tmp_path))
-    cfg = _cfg(tmp_path, "engine.name=flower")
+    ref = run_experiment(_cfg(tmp_path, "federation.average_decay=0.5"))
+    cfg = _cfg(tmp_path, "engine.name=flower", "federation.average_decay=0.5")
     run = prepare_run(cfg)
     seen: list[int] = []
     strategy = FedpruneStrategy(
@@ -284,7 +284,7 @@ def test_strategy_on_memory_grid_matches_the_inprocess_engine(tmp_path: Path) ->
         assert set(a) == set(b)
         for key in ("sampled", "clients", "bytes_up", "bytes_down", "cum_dense_bytes_up"):
             assert a[key] == b[key], key
-        for key in ("test_accuracy", "sparsity", "train_loss"):
+        for key in ("test_accuracy", "average_test_accuracy", "sparsity", "train_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     # every train message carries one Array per tensor with fedprune's stype
     fits = [m for m in grid.sent if m.metadata.message_type == "train"]

@@ -1,4 +1,5 @@
-"""Aggregation of client models: sample-weighted FedAvg and server momentum (FedAvgM)."""
+"""Aggregation of client models: sample-weighted FedAvg, server momentum (FedAvgM), and
+the server-side moving average of the global models."""
 
 from __future__ import annotations
 
@@ -92,6 +93,63 @@ class ServerMomentum:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore velocity tensors."""
         self.velocity = {k: v.clone() for k, v in state.items()}
+
+
+class ModelAverage:
+    """Exponential moving average of the global models over the rounds.
+
+    After round t the average is ``decay * previous + (1 - decay) * w_t`` (the first
+    round's model starts it). It is only read (evaluated, saved), never sent, so training
+    is unchanged. Positions a mask prunes are zero in the average too, so it is as
+    sparse as the global model. When the model's architecture changes (structured
+    pruning shrinks it), the average starts again from the new model: ``rounds`` counts
+    the rounds in the current average. Integer tensors (batch-norm counters) follow the
+    latest model.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the moving average's decay must be in (0, 1), not {decay}")
+        self.decay = float(decay)
+        self.state: State = {}
+        self.rounds = 0
+
+    def update(
+        self,
+        current: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Fold in one round's global model (``masks``: the positions it keeps)."""
+        same = self.state.keys() == current.keys() and all(
+            self.state[k].shape == v.shape for k, v in current.items()
+        )
+        if not same:
+            self.state = {k: v.detach().clone() for k, v in current.items()}
+            self.rounds = 1
+        else:
+            for key, cur in current.items():
+                avg = self.state[key]
+                if cur.is_floating_point():
+                    avg.mul_(self.decay).add_(cur.detach(), alpha=1.0 - self.decay)
+                else:
+                    avg.copy_(cur)
+            self.rounds += 1
+        for key, m in (masks or {}).items():
+            kept = self.state.get(key)
+            if kept is not None and kept.shape == m.shape:
+                kept.mul_(m.to(kept.dtype))
+
+    def state_dict(self) -> dict[str, State | int]:
+        """The average and its round count (for checkpoints)."""
+        return {"state": {k: v.clone() for k, v in self.state.items()}, "rounds": self.rounds}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        saved = state.get("state") or {}
+        assert isinstance(saved, Mapping)
+        self.state = {str(k): v.clone() for k, v in saved.items()}
+        rounds = state.get("rounds", 0)
+        self.rounds = int(rounds) if isinstance(rounds, int) else 0
 
 
 def _robust(

@@ -157,6 +157,9 @@ class RoundRecord(TypedDict, total=False):
     test_loss: float | None
     test_accuracy: float | None
     local_test_accuracy: float | None
+    average_test_loss: float | None
+    """Of the moving average of the global models (``federation.average_decay``)."""
+    average_test_accuracy: float | None
     train_loss: float | None
     sparsity: float
     params: int
@@ -494,6 +497,7 @@ class RoundAccounting:
         model: nn.Module,
         failures: Mapping[int, str] | None = None,
         attempts: int = 1,
+        average: Callable[[], nn.Module | None] | None = None,
     ) -> RoundRecord:
         """The round's metrics record (evaluation included; ``round_s``/``wall_s`` not).
 
@@ -513,6 +517,9 @@ class RoundAccounting:
             Clients dropped this round (``{cid: reason}``) and the attempts it took;
             recorded as ``failed``, ``failures`` and ``attempts`` when there were any
             failures or retries.
+        average
+            Gives the moving average of the global models as a model (None: none), which
+            is evaluated beside ``model`` (``average_test_loss``/``_accuracy``).
         """
         cfg = self.cfg
         rec: RoundRecord = {"round": rnd, "clients": len(replies), "sampled": cids}
@@ -523,6 +530,10 @@ class RoundAccounting:
                 rec["test_loss"], rec["test_accuracy"] = loss, acc
                 if cfg.federation.local_eval:
                     rec["local_test_accuracy"] = self.local_accuracy(model)
+                avg = average() if average is not None else None
+                if avg is not None:
+                    loss, acc = evaluate(avg, self.fed.x_test, self.fed.y_test)
+                    rec["average_test_loss"], rec["average_test_accuracy"] = loss, acc
             else:
                 rec["test_loss"] = rec["test_accuracy"] = None
             stats = self.stats(model)

@@ -393,7 +393,14 @@ class InProcessEngine:
                 with self.timer.phase("aggregate"):
                     extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
                 rec = self.accounting.record(
-                    rnd, got.cids, got.replies, extra, self.server.model, got.failures, got.attempts
+                    rnd,
+                    got.cids,
+                    got.replies,
+                    extra,
+                    self.server.model,
+                    got.failures,
+                    got.attempts,
+                    average=self.server.average_model,
                 )
                 self.accounting.finish_round(
                     rec,

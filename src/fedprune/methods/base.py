@@ -34,6 +34,7 @@ the history on it (once per distinct history) before loading the received weight
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -43,6 +44,7 @@ from torch import nn
 
 from fedprune.config import RunConfig
 from fedprune.core.aggregation import (
+    ModelAverage,
     ServerMomentum,
     coordinate_median,
     trimmed_mean,
@@ -270,6 +272,10 @@ class ServerMethod:
             if cfg.federation.aggregation == "fedavgm"
             else None
         )
+        self.average = (
+            ModelAverage(cfg.federation.average_decay) if cfg.federation.average_decay else None
+        )
+        """Moving average of the global models (``federation.average_decay``; None: off)."""
 
     # -- the metrics channel ----------------------------------------------------------
     def report(self, **metrics: float) -> None:
@@ -352,7 +358,22 @@ class ServerMethod:
         metrics.update(after)
         if self.momentum is not None and self.masks is not None:
             self.momentum.mask_velocity(self.masks)
+        if self.average is not None:
+            self.average.update(self.model.state_dict(), self.masks)
+            metrics["average_rounds"] = self.average.rounds
         return metrics
+
+    def average_model(self) -> nn.Module | None:
+        """A copy of the global model holding the moving average of the global models
+        (``federation.average_decay``), or None when it is off or still empty."""
+        if self.average is None or not self.average.state:
+            return None
+        model = copy.deepcopy(self.model)
+        try:
+            model.load_state_dict(self.average.state)
+        except RuntimeError:  # the architecture changed since the last round's update
+            return None
+        return model
 
     def validation_policy(self) -> ValidationPolicy:
         """The bounds replies must satisfy (from the ``validation`` config section)."""
@@ -418,6 +439,8 @@ class ServerMethod:
         state: dict[str, Any] = {"model": state_of(self.model)}
         if self.momentum is not None:
             state["momentum"] = self.momentum.state_dict()
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
         for name in self._checkpoint_names():
             state[name] = getattr(self, name)
         return state
@@ -447,6 +470,8 @@ class ServerMethod:
             raise ValueError(f"the saved weights do not fit the model: {first}") from None
         if self.momentum is not None:
             self.momentum.load_state_dict(state.get("momentum", {}))
+        if self.average is not None:
+            self.average.load_state_dict(state.get("average", {}))
 
 
 class ClientMethod:

@@ -238,7 +238,14 @@ class FedpruneStrategy(Strategy):
         with acct.timer.phase("aggregate"):
             extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
         rec = acct.record(
-            rnd, got.cids, got.replies, extra, self.server.model, got.failures, got.attempts
+            rnd,
+            got.cids,
+            got.replies,
+            extra,
+            self.server.model,
+            got.failures,
+            got.attempts,
+            average=self.server.average_model,
         )
         acct.finish_round(
             rec,
