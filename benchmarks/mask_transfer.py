@@ -22,8 +22,8 @@ started from), on either split:
   another score of the same model gives a better one. It also prints how far each
   FedAvg model's weights moved from their initial values;
 - with ``--average``, FedAvg and Global 0.9 trained again on the non-IID split with a
-  moving average of their global models kept on the server (methods ``fedavg-ema`` and
-  ``fedsparsify-global-ema``, defined here), to compare the averages' test accuracy:
+  moving average of their global models kept on the server (``federation.average_decay
+  = 0.9``), to compare the averages' test accuracy:
   is the gap to FedAvg round-to-round noise that averaging removes?
 
 If the non-IID split trains as well under the IID run's mask as under its own, the mask
@@ -62,10 +62,9 @@ from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
 from fedprune.experiment import load_federation, model_spec, state_fingerprint
 from fedprune.methods.base import ClientMethod, ServerMethod
-from fedprune.methods.fedsparsify import FedSparsifyClient, FedSparsifyGlobalServer
 from fedprune.params import key
 from fedprune.registry import MethodInfo, register
-from fedprune.rundir import read_metrics
+from fedprune.rundir import AVERAGE_WEIGHTS, read_metrics
 from reproduce import RESULTS, ROOT, _ms, _slug, load_config, run_one, tail_accuracy
 
 CONFIG = ROOT / "configs" / "fedsparsify-fmnist-100c-noniid.toml"
@@ -139,94 +138,35 @@ register(
 )
 
 
-@dataclass
-class EmaConfig:
-    """``[fedavgema]``: the running average of the global models."""
+AVERAGED = {"fedavg": "fedavg", "global-0.9": "fedsparsify-global"}
+"""Source variant -> its method, trained again with ``federation.average_decay``."""
 
-    decay: float = key(0.9, "weight of the previous average at each round", ge=0, lt=1)
-    out: str = key("", "where the average is written (safetensors) after the last round")
-
-
-class MovingAverage(ServerMethod):
-    """Mixin for a server half: keep an exponential moving average of the global models
-    over the rounds (after round t, ``decay * previous + (1 - decay) * w_t``, taken after
-    the method's own ``after_aggregate``, so after any pruning) and write it to
-    ``fedavgema.out`` after the last round, with the final mask's zeros applied (so a
-    pruned method's average is as sparse as its final model). Training is unchanged:
-    the average is only read, never sent."""
-
-    checkpoint_attrs = ("ema",)
-
-    def __init__(self, cfg: Any, spec: Any, model: torch.nn.Module) -> None:
-        super().__init__(cfg, spec, model)
-        self.opts: EmaConfig = cfg.section("fedavgema")
-        self.ema: dict[str, torch.Tensor] | None = None
-
-    def after_aggregate(self, rnd: int, replies: list[Any]) -> dict[str, float]:
-        out = super().after_aggregate(rnd, replies)
-        now = {n: p.detach() for n, p in self.model.named_parameters()}
-        if self.ema is None:
-            self.ema = {n: t.clone() for n, t in now.items()}
-        else:
-            for n, t in now.items():
-                self.ema[n].mul_(self.opts.decay).add_(t, alpha=1 - self.opts.decay)
-        if rnd == self.cfg.federation.rounds and self.opts.out:
-            masks = self.masks or {}
-            final = {n: t * masks[n] if n in masks else t for n, t in self.ema.items()}
-            save_file(final, self.opts.out)
-        return out
-
-
-class EmaFedAvgServer(MovingAverage):
-    """FedAvg with :class:`MovingAverage`."""
-
-    name = "fedavg-ema"
-
-
-class EmaGlobalServer(MovingAverage, FedSparsifyGlobalServer):
-    """FedSparsify Global with :class:`MovingAverage`."""
-
-    name = "fedsparsify-global-ema"
-
-
-for _server, _client, _what in (
-    (EmaFedAvgServer, ClientMethod, "FedAvg"),
-    (EmaGlobalServer, FedSparsifyClient, "FedSparsify Global"),
-):
-    register(
-        MethodInfo(
-            _server.name,
-            _server,
-            _client,
-            f"{_what} that writes a moving average of its global models after the last round.",
-            "benchmarks/mask_transfer.py",
-            section="fedavgema",
-            config=EmaConfig,
-        ),
-        replace=True,
-    )
-
-EMA_OF = {"fedavg": "fedavg-ema", "global-0.9": "fedsparsify-global-ema"}
-"""Source variant -> the method that trains it again with :class:`MovingAverage`."""
+AVERAGE_DECAY = 0.9
+"""Weight of the previous average at each round."""
 
 
 def ema_run(variant: str, seed: int, out: Path) -> Path:
     """The run directory :func:`ema_model` trains ``variant`` of ``seed`` in; the average
-    is its ``ema.safetensors``."""
+    is its ``model_average.safetensors``."""
     return out / "runs" / f"non-IID-{variant}-ema-seed{seed}"
 
 
 def ema_model(
     variant: str, seed: int, out: Path, resume: bool, extra: Sequence[str]
 ) -> dict[str, Any]:
-    """Train the source ``variant`` (a key of :data:`EMA_OF`) again on the non-IID split
-    (its config and seed) with :class:`MovingAverage`, which writes the average; the test
-    accuracy of its final model and of the average."""
+    """Train the source ``variant`` (a key of :data:`AVERAGED`) again on the non-IID split
+    (its config and seed) with a moving average of its global models, which the run
+    writes; the test accuracy of its final model and of the average."""
     rd = ema_run(variant, seed, out)
-    path = rd / "ema.safetensors"
+    path = rd / AVERAGE_WEIGHTS
     cfg = load_config(
         CONFIG,
-        [f"method='{EMA_OF[variant]}'", f"fedavgema.out='{path}'", f"seed={seed}", *extra],
+        [
+            f"method='{AVERAGED[variant]}'",
+            f"federation.average_decay={AVERAGE_DECAY}",
+            f"seed={seed}",
+            *extra,
+        ],
     )
     print(f"non-IID data, {variant} with a moving average, seed {seed} -> {rd}", flush=True)
     run_one(cfg, rd, resume)
@@ -477,7 +417,7 @@ def mask_file(label: str, seed: int, out: Path) -> Path:
     if label in DENSE:
         split, rule = DENSE[label]
         if split == "non-IID EMA":
-            dense = load_file(ema_run("fedavg", seed, out) / "ema.safetensors")
+            dense = load_file(ema_run("fedavg", seed, out) / AVERAGE_WEIGHTS)
         else:
             dense = load_file(source_run(split, "fedavg", seed) / "model.safetensors")
         mixed = one_shot_mask(
@@ -536,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     averaged = ["fedavg"] if args.dense else []
     if args.average:
-        averaged = list(EMA_OF)
+        averaged = list(AVERAGED)
     averages = [ema_model(v, s, args.out, args.resume, args.extra) for s in seeds for v in averaged]
     for seed in seeds:
         for split, mask_from in conditions:
