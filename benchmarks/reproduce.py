@@ -108,7 +108,8 @@ def _fedsparsify(group: str, config: str | None = None) -> list[Variant]:
 def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Variant, ...]:
     """FedAvg, the authors' code (re-initialised proposals), the paper's rule with weight
     inheritance, and ours (widths rounded to 8 plus the accuracy guard, which rolls back
-    on the measured drop, or only on a drop 2 standard errors beyond it), all at the
+    on the measured drop, or only on a drop 2 standard errors beyond it; with proposals
+    from round 1 or only after a 24-round warm-up), all at the
     authors' settings for ``model`` (methods.md §1.3: k, last pruning round, patience 3,
     5 epochs, batch 32, Adam; convolutions only, two-sided band)."""
     base = (
@@ -143,6 +144,9 @@ def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Va
         Variant("round to 8 + guard", ours),
         # the guard rolls back only drops it can tell from noise (2 paired standard errors)
         Variant("round to 8 + guard (z 2)", (*ours, "structured.guard_z=2")),
+        # proposals (and so the guard's judgements) only from round 25, once the model is
+        # past chance accuracy: judged at chance, the guard's decisions are noise
+        Variant("round to 8 + guard + warm-up", (*ours, "structured.start_round=25")),
     )
 
 
