@@ -2,7 +2,7 @@
 reproduction's JSON.
 
     python benchmarks/curve_gap.py benchmarks/results/reproduction/CLAIM/CLAIM.json \
-        [--windows 4]
+        [MORE.json ...] [--windows 4]
 
 The rounds are cut into equal windows. For every variant and window it prints the mean
 test accuracy over the evaluations in that window, the gap to the FedAvg run of the same
@@ -11,6 +11,12 @@ change in accuracy from one evaluation to the next inside the window, in points,
 over seeds), and the variant's sparsity at the window's last round. Single evaluations
 on pathological non-IID splits swing by many points; window means show when a gap opens
 (e.g. as the sparsity schedule nears its target) and whether it closes.
+
+Several JSON files of one claim (for example a variant run later with its own ``--tag``,
+and the committed FedAvg runs of the same seeds) are read as one: their curves are
+merged, and a run found in two files must have the same curve in both. With
+``--windows 10`` the last window is the last 10% of the rounds, the "last-10%" columns
+of ``reproduce.py``.
 """
 
 from __future__ import annotations
@@ -107,18 +113,43 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merged_curves(results: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """The claim and the union of the curves of ``(name, reproduce.py JSON)`` pairs.
+
+    Raises
+    ------
+    ValueError
+        The files are of different claims, or one run has different curves in two files.
+    """
+    claim = results[0][1]["claim"]
+    curves: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for name, result in results:
+        if result["claim"] != claim:
+            raise ValueError(f"{name} is of claim {result['claim']!r}, not {claim!r}")
+        for key, pts in result["curves"].items():
+            if key in curves and curves[key] != pts:
+                raise ValueError(f"{key!r} has different curves in {seen[key]} and {name}")
+            curves[key], seen[key] = pts, seen.get(key, name)
+    return claim, curves
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("result", type=Path, help="a CLAIM.json written by reproduce.py")
+    p.add_argument(
+        "result", type=Path, nargs="+", help="CLAIM.json files of one claim (reproduce.py)"
+    )
     p.add_argument("--windows", type=int, default=4, help="equal windows of rounds (default 4)")
     args = p.parse_args(argv)
     if args.windows < 1:
         p.error("--windows must be at least 1")
     try:
-        result = json.loads(args.result.read_text())
-        curves, claim = result["curves"], CLAIMS[result["claim"]]
+        name, curves = merged_curves(
+            [(str(path), json.loads(path.read_text())) for path in args.result]
+        )
+        claim = CLAIMS[name]
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot read a claim's curves from {args.result}: {exc}", file=sys.stderr)
+        print(f"error: cannot read a claim's curves: {exc}", file=sys.stderr)
         return 2
     print(markdown(window_gaps(curves, args.windows, fedavg_reference(claim))))
     return 0

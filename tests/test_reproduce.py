@@ -142,6 +142,39 @@ def test_window_gaps_compare_with_fedavg_of_the_same_group_and_seed(cg: ModuleTy
     assert "| IID global 0.9 | 3-4 | 2 |" in cg.markdown(list(rows.values()))
 
 
+def test_curves_of_several_files_of_one_claim_merge(cg: ModuleType) -> None:
+    a = {"claim": "c", "curves": {"fedavg seed 0": [{"round": 1, "acc": 0.5}]}}
+    b = {"claim": "c", "curves": {"x seed 0": [{"round": 1, "acc": 0.4}], **a["curves"]}}
+    claim, curves = cg.merged_curves([("a", a), ("b", b)])
+    assert claim == "c" and set(curves) == {"fedavg seed 0", "x seed 0"}
+    other = {"claim": "c", "curves": {"fedavg seed 0": [{"round": 1, "acc": 0.6}]}}
+    with pytest.raises(ValueError, match="different curves in a and other"):
+        cg.merged_curves([("a", a), ("other", other)])
+    with pytest.raises(ValueError, match="of claim 'd'"):
+        cg.merged_curves([("a", a), ("d", {"claim": "d", "curves": {}})])
+
+
+def test_curve_gap_merges_a_later_variant_with_committed_fedavg_runs(
+    cg: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    def curve(accs: list[float]) -> list[dict[str, Any]]:
+        return [{"round": i + 1, "acc": a, "sparsity": 0.0} for i, a in enumerate(accs)]
+
+    claim = "autostructured-femnist"
+    fedavg = {"claim": claim, "curves": {"fedavg seed 1": curve([0.5, 0.8])}}
+    later = {"claim": claim, "curves": {"round to 8 + guard seed 1": curve([0.5, 0.7])}}
+    paths = []
+    for name, data in (("fedavg", fedavg), ("later", later)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data), encoding="utf-8")
+    assert cg.main([*map(str, paths), "--windows", "2"]) == 0
+    assert "| round to 8 + guard | 2-2 | 1 | 70.00 | -10.00 |" in capsys.readouterr().out
+    assert cg.main([str(paths[0]), str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a claim's curves" in capsys.readouterr().err
+
+
 def _fake_run(run_dir: Path, cfg: Any, acc: float, up: int) -> None:
     """A finished run directory as ``run_experiment`` leaves it (config, summary, metrics)."""
     import json
