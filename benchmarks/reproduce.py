@@ -124,6 +124,7 @@ def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Va
         f"structured.k={k}",
         "structured.patience=3",
         f"structured.max_prune_round={last}",
+        "structured.start_round=1",  # proposals from round 1, whatever the config file says
         "structured.two_sided=true",
         "structured.prune_linear=false",
         "structured.round_to=1",
@@ -147,6 +148,10 @@ def _autostructured(model: str, k: float, last: int, per_round: int) -> tuple[Va
         # proposals (and so the guard's judgements) only from round 25, once the model is
         # past chance accuracy: judged at chance, the guard's decisions are noise
         Variant("round to 8 + guard + warm-up", (*ours, "structured.start_round=25")),
+        Variant(
+            "round to 8 + guard (z 2) + warm-up",
+            (*ours, "structured.guard_z=2", "structured.start_round=25"),
+        ),
     )
 
 
