@@ -488,6 +488,23 @@ class RoundAccounting:
         self.sampler.bit_generator.state = state["sampler"]
 
     # -- records ----------------------------------------------------------------------
+    def aggregate_and_record(self, rnd: int, server: ServerMethod, got: Accepted) -> RoundRecord:
+        """Aggregate a round's accepted replies into ``server`` (timed as the
+        ``aggregate`` phase) and return the round's record (:meth:`record`; the server's
+        moving average of the global models is evaluated too when it keeps one)."""
+        with self.timer.phase("aggregate"):
+            extra = server.aggregate_fit(rnd, got.replies, got.rejections)
+        return self.record(
+            rnd,
+            got.cids,
+            got.replies,
+            extra,
+            server.model,
+            got.failures,
+            got.attempts,
+            average=server.average_model,
+        )
+
     def record(
         self,
         rnd: int,

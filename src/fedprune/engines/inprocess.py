@@ -390,18 +390,7 @@ class InProcessEngine:
                 t_round = time.perf_counter()
                 self.accounting.begin_round(rnd)
                 got = self._train_round(rnd)
-                with self.timer.phase("aggregate"):
-                    extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
-                rec = self.accounting.record(
-                    rnd,
-                    got.cids,
-                    got.replies,
-                    extra,
-                    self.server.model,
-                    got.failures,
-                    got.attempts,
-                    average=self.server.average_model,
-                )
+                rec = self.accounting.aggregate_and_record(rnd, self.server, got)
                 self.accounting.finish_round(
                     rec,
                     records,

@@ -235,18 +235,7 @@ class FedpruneStrategy(Strategy):
         acct.timer.seconds["train"] = (
             acct.timer.seconds.get("train", 0.0) + time.perf_counter() - self._t_train
         )
-        with acct.timer.phase("aggregate"):
-            extra = self.server.aggregate_fit(rnd, got.replies, got.rejections)
-        rec = acct.record(
-            rnd,
-            got.cids,
-            got.replies,
-            extra,
-            self.server.model,
-            got.failures,
-            got.attempts,
-            average=self.server.average_model,
-        )
+        rec = acct.aggregate_and_record(rnd, self.server, got)
         acct.finish_round(
             rec,
             self.records,
