@@ -66,6 +66,14 @@ def test_average_state_round_trips() -> None:
     assert back.rounds == 2 and torch.equal(back.state["w"], avg.state["w"])
 
 
+@pytest.mark.parametrize(
+    "bad", [{"state": [1, 2], "rounds": 1}, {"state": {"w": 3.0}, "rounds": 1}, {"rounds": "2"}]
+)
+def test_a_damaged_saved_average_is_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="saved moving average"):
+        ModelAverage(0.5).load_state_dict(bad)
+
+
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
 def test_average_needs_a_decay_below_one(decay: float) -> None:
     with pytest.raises(ValueError, match="decay"):

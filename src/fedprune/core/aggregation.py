@@ -144,12 +144,20 @@ class ModelAverage:
         return {"state": {k: v.clone() for k, v in self.state.items()}, "rounds": self.rounds}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Inverse of :meth:`state_dict`."""
-        saved = state.get("state") or {}
-        assert isinstance(saved, Mapping)
+        """Inverse of :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            ``state`` does not hold tensors under ``state`` and a count under ``rounds``.
+        """
+        saved, rounds = state.get("state", {}), state.get("rounds", 0)
+        if not isinstance(saved, Mapping) or not isinstance(rounds, int):
+            raise ValueError("the saved moving average is not a state dict and a round count")
+        if not all(isinstance(v, torch.Tensor) for v in saved.values()):
+            raise ValueError("the saved moving average holds values that are not tensors")
         self.state = {str(k): v.clone() for k, v in saved.items()}
-        rounds = state.get("rounds", 0)
-        self.rounds = int(rounds) if isinstance(rounds, int) else 0
+        self.rounds = rounds
 
 
 def _robust(
