@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -95,10 +95,17 @@ def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _evaluated(
+    records: list[RoundRecord], key: Literal["test_accuracy", "average_test_accuracy"]
+) -> list[float]:
+    """``key`` of the evaluated rounds (None or absent in the others)."""
+    return [a for r in records if (a := r.get(key)) is not None]
+
+
 def _average_summary(records: list[RoundRecord]) -> dict[str, Any]:
     """``final_average_accuracy``/``best_average_accuracy`` of the moving average of the
     global models (``federation.average_decay``); nothing when it was off."""
-    accs = [a for r in records if (a := r.get("average_test_accuracy")) is not None]
+    accs = _evaluated(records, "average_test_accuracy")
     if not accs:
         return {}
     return {"final_average_accuracy": accs[-1], "best_average_accuracy": max(accs)}
@@ -112,7 +119,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The ``summary.json`` content from the per-round records."""
     last = records[-1]
-    accs = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
+    accs = _evaluated(records, "test_accuracy")
     up, down = last["cum_bytes_up"], last["cum_bytes_down"]
     dup, ddown = last["cum_dense_bytes_up"], last["cum_dense_bytes_down"]
     return {
@@ -125,7 +132,7 @@ def summarize(
         "seed": cfg.seed,
         "rounds": len(records),
         "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(a for a in accs if a is not None) if accs else None,
+        "best_accuracy": max(accs) if accs else None,
         **_average_summary(records),
         "final_loss": last.get("test_loss"),
         "final_sparsity": last["sparsity"],
