@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedprune.config import load_config
+from fedprune.config import RunConfig, load_config
 from fedprune.core.aggregation import ModelAverage
 from fedprune.errors import ConfigError
 from fedprune.experiment import run_experiment
@@ -18,7 +18,7 @@ from fedprune.experiment import run_experiment
 FC = ["model.name=fc", "model.hidden=32"]
 
 
-def _cfg(tmp_path: Path, name: str, *extra: str):  # type: ignore[no-untyped-def]
+def _cfg(tmp_path: Path, name: str, *extra: str) -> RunConfig:
     return load_config(
         overrides=[
             f"out='{tmp_path}'",
