@@ -178,3 +178,93 @@ def test_average_of_a_shrinking_run_has_the_final_architecture(tmp_path: Path) -
         else:
             assert n == before["average_rounds"] + 1, rec["round"]
     assert changed > 0
+
+
+# ------------------------------------------------------- export, compare, report
+
+
+def test_export_and_report_of_the_average(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedprune.cli import main
+    from fedprune.export import load_final_model, read_architecture
+    from fedprune.report import write_report
+
+    res = run_experiment(
+        _cfg(
+            tmp_path,
+            "shrunk",
+            "method=autostructured",
+            "model.name=twocnn",
+            "model.hidden=16",
+            "structured.k=1.0",
+            "federation.rounds=3",
+            "federation.average_decay=0.5",
+        )
+    )
+    run = res.run_dir
+    final, average = load_final_model(run), load_final_model(run, "average")
+    saved = load_file(str(run / "model_average.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in average.state_dict().items())
+    assert any(not torch.equal(v, final.state_dict()[k]) for k, v in average.state_dict().items())
+    # the average has the final (shrunk) architecture, so it exports like the model
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    assert main(["export", str(run), "--weights", "average"]) == 0
+    path = run / "model_average.onnx"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, *read_architecture(run)["input_shape"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), average(x), atol=1e-4)
+        assert not torch.allclose(average(x), final(x), atol=1e-4)
+    assert not (run / "model.onnx").exists()  # the final model's default file is untouched
+    capsys.readouterr()
+    assert main(["export", str(run), "--weights", "best"]) == 2
+    assert "unknown weights 'best'" in capsys.readouterr().err
+    # the HTML report shows the average's accuracy, per round and at the end
+    summary = json.loads((run / "summary.json").read_text())
+    summary["latency"] = {"speedup": 1.234}  # as `fedprune latency` stores it
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run).read_text()
+    assert "moving average of the global models" in page and "average acc" in page
+    assert f"{100 * summary['final_average_accuracy']:.2f}%" in page
+    assert "1.23x" in page
+
+
+def test_export_of_a_run_without_an_average_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedprune.cli import main
+    from fedprune.report import write_report
+
+    res = run_experiment(_cfg(tmp_path, "plain", "method=fedavg", "federation.rounds=1"))
+    assert main(["export", str(res.run_dir), "--weights", "average"]) == 2
+    err = capsys.readouterr().err
+    assert "model_average.safetensors" in err and "federation.average_decay" in err
+    page = write_report(res.run_dir).read_text()
+    assert "average acc" not in page and "moving average" not in page
+
+
+def test_compare_adds_the_average_column_only_when_runs_keep_one(tmp_path: Path) -> None:
+    from fedprune.compare import run_compare
+
+    common = [f"out='{tmp_path}'", "federation.rounds=2", "data.num_clients=4"]
+    common += ["federation.clients_per_round=2", *FC]
+    cfg = load_config(overrides=[*common, "federation.average_decay=0.5"])
+    out, rows = run_compare(cfg, ["fedavg", "fedsparsify-global"], seeds=[0, 1], out=tmp_path / "a")
+    md = (out / "comparison.md").read_text()
+    assert "| average acc % |" in md
+    for row in rows:
+        sums = [
+            json.loads((out / "runs" / f"{row['method']}-seed{s}" / "summary.json").read_text())
+            for s in (0, 1)
+        ]
+        mean = sum(s["final_average_accuracy"] for s in sums) / 2
+        assert row["final_average_accuracy"] == pytest.approx(mean)
+        cells = [c.strip() for c in md.split(f"| {row['method']} |")[1].split("|")]
+        assert cells[2].startswith(f"{100 * mean:,.2f}")  # after final and best accuracy
+    plain_out, _ = run_compare(load_config(overrides=common), ["fedavg"], out=tmp_path / "b")
+    assert "average acc" not in (plain_out / "comparison.md").read_text()

@@ -344,17 +344,25 @@ def export(
         typer.Option("--format", help="onnx, or pte (ExecuTorch; needs the executorch package)."),
     ] = "onnx",
     out: Annotated[
-        Path | None, typer.Option(help="Output file (default RUN_DIR/model.onnx or .pte).")
+        Path | None,
+        typer.Option(help="Output file (default RUN_DIR/model.onnx or .pte; model_average.*)."),
     ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="final (the final global model), or average (the moving average of the "
+            "global models; runs with federation.average_decay > 0)."
+        ),
+    ] = "final",
 ) -> None:
     """Export a run's final model (rebuilt from its architecture JSON and weights)."""
     from fedprune.export import export_onnx, export_pte
 
     fmt = format_.lower()
     if fmt == "onnx":
-        path = export_onnx(run_dir, out)
+        path = export_onnx(run_dir, out, weights=weights)
     elif fmt in ("pte", "executorch"):
-        path = export_pte(run_dir, out)
+        path = export_pte(run_dir, out, weights=weights)
     else:
         raise UserInputError(f"unknown export format {format_!r}: choose onnx or pte")
     console.print(

@@ -128,6 +128,7 @@ def build_rows(runs: Sequence[MethodRuns], target: float | None) -> list[dict[st
         for key in (
             "final_accuracy",
             "best_accuracy",
+            "final_average_accuracy",
             "final_sparsity",
             "final_params",
             "final_nonzero_params",
@@ -164,10 +165,13 @@ def _fmt(
 
 def markdown_table(rows: Sequence[dict[str, Any]], target: float | None) -> str:
     """The comparison as a Markdown table."""
+    # runs with federation.average_decay > 0 also report their moving average's accuracy
+    average = any(r.get("final_average_accuracy") is not None for r in rows)
     head = [
         "method",
         "final acc %",
         "best acc %",
+        *(["average acc %"] if average else []),
         "sparsity %",
         "params",
         "non-zero",
@@ -185,6 +189,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], target: float | None) -> str:
             r["method"],
             _fmt(r["final_accuracy"], r["final_accuracy_std"], pct=True),
             _fmt(r["best_accuracy"], r["best_accuracy_std"], pct=True),
+            *(
+                [
+                    _fmt(
+                        r.get("final_average_accuracy"),
+                        r.get("final_average_accuracy_std"),
+                        pct=True,
+                    )
+                ]
+                if average
+                else []
+            ),
             _fmt(r["final_sparsity"], None, pct=True, digits=1),
             _fmt(r["final_params"], digits=0),
             _fmt(r["final_nonzero_params"], digits=0),

@@ -114,8 +114,25 @@ def load_initial_model(run_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_final_model(run_dir: str | Path) -> nn.Module:
+WEIGHT_FILES = {"final": rundir.WEIGHTS, "average": rundir.AVERAGE_WEIGHTS}
+"""The weights a run saves: its final global model, and the moving average of its global
+models (``federation.average_decay > 0``), which has the final model's architecture."""
+
+
+def _weights_file(weights: str) -> str:
+    try:
+        return WEIGHT_FILES[weights]
+    except KeyError:
+        raise UserInputError(
+            f"unknown weights {weights!r}: choose {' or '.join(WEIGHT_FILES)}"
+        ) from None
+
+
+def load_final_model(run_dir: str | Path, weights: str = "final") -> nn.Module:
     """The run's final model: zoo build + history replay + saved weights, in eval mode.
+
+    ``weights="average"`` loads the moving average of the global models instead
+    (``model_average.safetensors``); it has the final model's architecture.
 
     Raises
     ------
@@ -134,7 +151,7 @@ def load_final_model(run_dir: str | Path) -> nn.Module:
         raise UserInputError(
             f"cannot replay the pruning history of {str(run_dir)!r}: {exc}"
         ) from None
-    state = rundir.load_weights(run_dir)
+    state = rundir.load_weights(run_dir, _weights_file(weights))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
@@ -212,22 +229,32 @@ def onnx_export_model(
     return out_path
 
 
-def export_onnx(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+def _default_out(run: Path, weights: str, suffix: str) -> Path:
+    return run / (("model" if weights == "final" else f"model_{weights}") + suffix)
+
+
+def export_onnx(
+    run_dir: str | Path, out_path: str | Path | None = None, *, weights: str = "final"
+) -> Path:
     """Export a run's final model to ONNX (default ``RUN_DIR/model.onnx``); return the path.
 
     The model is rebuilt from ``architecture.json`` and ``model.safetensors`` (see
-    :func:`load_final_model`); the file holds the weights (``external_data=False``) and
-    its onnxruntime output is checked against torch.
+    :func:`load_final_model`; ``weights="average"``: the moving average of the global
+    models, default file ``model_average.onnx``); the file holds the weights
+    (``external_data=False``) and its onnxruntime output is checked against torch.
     """
     run = Path(run_dir)
-    model = load_final_model(run)
+    model = load_final_model(run, weights)
     shape = _input_shape(read_architecture(run))
-    out = Path(out_path) if out_path is not None else run / "model.onnx"
+    out = Path(out_path) if out_path is not None else _default_out(run, weights, ".onnx")
     return onnx_export_model(model, shape, out)
 
 
-def export_pte(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
-    """Export a run's final model to an ExecuTorch program (default ``RUN_DIR/model.pte``).
+def export_pte(
+    run_dir: str | Path, out_path: str | Path | None = None, *, weights: str = "final"
+) -> Path:
+    """Export a run's final model to an ExecuTorch program (default ``RUN_DIR/model.pte``;
+    ``weights="average"``: the moving average, default ``model_average.pte``).
 
     ``torch.export`` -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner ->
     ``to_executorch``; the program's output on a random batch-1 input is checked against
@@ -252,9 +279,9 @@ def export_pte(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
             "ExecuTorch export needs the executorch package: pip install executorch==1.5.1"
         ) from None
     run = Path(run_dir)
-    model = load_final_model(run)
+    model = load_final_model(run, weights)
     shape = _input_shape(read_architecture(run))
-    out = Path(out_path) if out_path is not None else run / "model.pte"
+    out = Path(out_path) if out_path is not None else _default_out(run, weights, ".pte")
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     with _quiet_exporter():
         program = to_edge_transform_and_lower(

@@ -32,6 +32,14 @@ def plot_run(records: Sequence[Mapping[str, Any]], out_dir: Path, title: str) ->
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     ax.plot(rounds, acc, marker=".", label="test accuracy")
+    avg = [
+        (r["round"], 100 * r["average_test_accuracy"])
+        for r in ev
+        if r.get("average_test_accuracy") is not None
+    ]
+    if avg:  # federation.average_decay > 0
+        ax.plot(*zip(*avg, strict=True), marker=".", alpha=0.8, label="moving average")
+        ax.legend(loc="lower left")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax2 = ax.twinx()

@@ -97,11 +97,19 @@ def run_report(run_dir: Path) -> str:
             _card(f"{s['wall_s']:.1f} s", "wall time"),
         ]
     )
-    if isinstance(s.get("latency"), dict) and s["latency"].get("ratio"):
-        cards += _card(f"{s['latency']['ratio']:.2f}x", "ONNX Runtime speed-up, batch 1")
+    if s.get("final_average_accuracy") is not None:
+        cards += _card(
+            _pct(s["final_average_accuracy"]),
+            "final accuracy, moving average of the global models",
+        )
+    # `fedprune latency` stores summary["latency"]["speedup"] (dense median / final median)
+    if isinstance(s.get("latency"), dict) and s["latency"].get("speedup"):
+        cards += _card(f"{s['latency']['speedup']:.2f}x", "ONNX Runtime speed-up, batch 1")
+    average = any(r.get("average_test_accuracy") is not None for r in recs)
     head = [
         "round",
         "test acc",
+        *(["average acc"] if average else []),
         "sparsity",
         "params",
         "non-zero",
@@ -114,6 +122,7 @@ def run_report(run_dir: Path) -> str:
         [
             r["round"],
             _pct(r.get("test_accuracy")),
+            *([_pct(r.get("average_test_accuracy"))] if average else []),
             _pct(r.get("sparsity")),
             f"{r['params']:,}",
             f"{r['nonzero_params']:,}",

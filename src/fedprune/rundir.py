@@ -157,10 +157,16 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return read_json_object(Path(run_dir) / SUMMARY, "a finished run")
 
 
-def load_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The final weights of a run (safetensors: no code is executed when loading)."""
-    path = Path(run_dir) / WEIGHTS
+def load_weights(run_dir: str | Path, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The final weights of a run, or another weights file of it such as
+    :data:`AVERAGE_WEIGHTS` (safetensors: no code is executed when loading)."""
+    path = Path(run_dir) / name
     if not path.is_file():
+        if name == AVERAGE_WEIGHTS:
+            raise UserInputError(
+                f"{str(path)!r} not found: the run kept no moving average of its global "
+                "models (federation.average_decay = 0)"
+            )
         raise UserInputError(f"{str(path)!r} not found")
     try:
         return load_file(str(path))
