@@ -88,11 +88,12 @@ def test_train_settings_cover_every_train_key() -> None:
             "train.optimizer='adam'",
             "train.momentum=0.5",
             "train.weight_decay=0.01",
+            "train.prox_mu=0.2",
         ]
     )
     s = TrainSettings.from_config(cfg.train, lr=0.15)
     assert (s.epochs, s.batch_size, s.lr, s.optimizer) == (3, 7, 0.15, "adam")
-    assert (s.momentum, s.weight_decay) == (0.5, 0.01)
+    assert (s.momentum, s.weight_decay, s.prox_mu) == (0.5, 0.01, 0.2)
     assert TrainSettings.from_config(cfg.train).lr == 0.3
     # every [train] key is either a setting or the per-round decay the server applies
     keys = {f.name for f in fields(cfg.train)}

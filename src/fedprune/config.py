@@ -111,6 +111,13 @@ class TrainConfig:
     optimizer: str = _key("sgd", "`sgd` or `adam` (fresh each round)", choices=("sgd", "adam"))
     momentum: float = _key(0.0, "SGD momentum", ge=0, lt=1)
     weight_decay: float = _key(0.0, "L2 weight decay", ge=0, le=10)
+    prox_mu: float = _key(
+        0.0,
+        "FedProx (Li et al. 2020): add `mu/2` times the squared distance to the received "
+        "model to each client's loss, pulling local training towards it; 0: off",
+        ge=0,
+        le=100,
+    )
     lr_decay: float = _key(1.0, "round r trains with `lr * lr_decay**(r-1)`", gt=0, le=1)
 
 

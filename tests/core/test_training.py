@@ -100,3 +100,52 @@ def test_masking_writes_positive_zeros() -> None:
     pruned = net[3].weight[:, :10]
     assert torch.all(pruned == 0)
     assert not torch.any(torch.signbit(pruned))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fedprox_adds_the_proximal_term_to_the_loss(optimizer: str) -> None:
+    """train_local with prox_mu equals a plain loop on CE + mu/2 * ||w - w_start||^2."""
+    mu = 0.7
+    x, y = _data()
+    s = TrainSettings(
+        epochs=2, batch_size=16, lr=0.05, optimizer=optimizer, momentum=0.9, prox_mu=mu
+    )
+    net, ref = _net(), _net()
+    masks = ones_masks(net)
+    masks["0.weight"][0] = False
+    train_local(net, x, y, s, masks=masks, generator=torch.Generator().manual_seed(3))
+
+    apply_masks(ref, masks)
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    opt = (
+        torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(ref.parameters(), lr=0.05)
+    )
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        perm = torch.randperm(64, generator=gen)
+        for b in range(4):
+            idx = perm[b * 16 : (b + 1) * 16]
+            opt.zero_grad()
+            prox = sum(((p - start[n]) ** 2).sum() for n, p in ref.named_parameters())
+            loss = torch.nn.functional.cross_entropy(ref(x[idx]), y[idx]) + mu / 2 * prox
+            loss.backward()
+            ref[0].weight.grad[0] = 0  # type: ignore[index]
+            opt.step()
+    for (k, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_fedprox_keeps_local_training_closer_to_the_start() -> None:
+    x, y = _data(128)
+    drift = []
+    for mu in (0.0, 1.0, 10.0):
+        net = _net()
+        start = [p.detach().clone() for p in net.parameters()]
+        s = TrainSettings(epochs=5, batch_size=16, lr=0.1, prox_mu=mu)
+        train_local(net, x, y, s, generator=torch.Generator().manual_seed(0))
+        drift.append(
+            sum(float((p - w).norm() ** 2) for p, w in zip(net.parameters(), start, strict=True))
+        )
+    assert drift[0] > drift[1] > drift[2] > 0

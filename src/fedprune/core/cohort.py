@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedprune.core.training import TrainSettings, TrainStats
+from fedprune.core.training import TrainSettings, TrainStats, add_proximal
 from fedprune.models.zoo import NaiveInception, SamePad2d, _Stack
 
 __all__ = [
@@ -605,6 +605,12 @@ def train_cohort(
         for n in masked:
             params[n].masked_fill_(pruned[n], 0.0)
 
+    # FedProx: each client's start (its received model, masked) anchors its proximal term
+    anchor = (
+        [(params[n], params[n].detach().clone()) for n in param_names]
+        if settings.prox_mu > 0
+        else []
+    )
     gens = []
     for m in members:
         g = torch.Generator()
@@ -642,6 +648,7 @@ def train_cohort(
         denom = torch.tensor([max(c, 1) for c in counts], dtype=ce.dtype, device=dev)
         loss = (ce.view(k, bs) * weight_t[s]).sum(dim=1) / denom  # each client's own mean
         loss.sum().backward()
+        add_proximal(anchor, settings.prox_mu)
         for n, kp in keep.items():
             grad = params[n].grad
             assert grad is not None

@@ -32,6 +32,9 @@ class TrainSettings:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    prox_mu: float = 0.0
+    """FedProx's proximal weight: the gradient of ``mu/2 * ||w - w_start||^2`` is added to
+    every step's gradient (``w_start``: the weights training started from)."""
 
     @classmethod
     def from_config(cls, train: TrainConfig, lr: float | None = None) -> TrainSettings:
@@ -44,6 +47,7 @@ class TrainSettings:
             optimizer=train.optimizer,
             momentum=train.momentum,
             weight_decay=train.weight_decay,
+            prox_mu=train.prox_mu,
         )
 
 
@@ -71,6 +75,14 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
 def _fill_pruned(pruned: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for p, off in pruned:
         p.masked_fill_(off, 0.0)
+
+
+@torch.no_grad()
+def add_proximal(anchor: Sequence[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+    """Add FedProx's ``mu * (w - w_start)`` to the gradient of every ``(w, w_start)``."""
+    for p, start in anchor:
+        if p.grad is not None:
+            p.grad.add_(p - start, alpha=mu)
 
 
 def train_local(
@@ -110,6 +122,8 @@ def train_local(
     pruned = [(params[n], ~m.bool()) for n, m in (masks or {}).items()]
     keep = [(p, (~off).to(p.dtype)) for p, off in pruned]
     _fill_pruned(pruned)
+    # FedProx: the start (the received model, masked) anchors the proximal term
+    anchor = [(p, p.detach().clone()) for p in params.values()] if settings.prox_mu > 0 else []
     bs = settings.batch_size
     steps = 0
     last_epoch_loss = 0.0
@@ -122,6 +136,7 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
+            add_proximal(anchor, settings.prox_mu)
             for p, k in keep:
                 if p.grad is not None:
                     p.grad.mul_(k)
