@@ -113,8 +113,9 @@ class TrainConfig:
     weight_decay: float = _key(0.0, "L2 weight decay", ge=0, le=10)
     prox_mu: float = _key(
         0.0,
-        "FedProx (Li et al. 2020): add `mu/2` times the squared distance to the received "
-        "model to each client's loss, pulling local training towards it; 0: off",
+        "FedProx (Li et al. 2020): in local training (not AutoFLIP's exploration), add "
+        "`mu/2` times the squared distance to the received model to each client's loss; "
+        "0: off",
         ge=0,
         le=100,
     )
