@@ -151,19 +151,22 @@ def test_average_of_a_pruned_run_is_as_sparse_as_its_model(tmp_path: Path) -> No
     assert pruned > 0
 
 
-def test_average_of_a_shrinking_run_has_the_final_architecture(tmp_path: Path) -> None:
-    res = run_experiment(
-        _cfg(
-            tmp_path,
-            "shrunk",
-            "method=autostructured",
-            "model.name=twocnn",
-            "model.hidden=16",
-            "structured.k=1.0",
-            "federation.rounds=4",
-            "federation.average_decay=0.5",
-        )
+def _shrinking(tmp_path: Path, rounds: int) -> RunConfig:
+    """A structured run whose model shrinks in its first rounds, with the average on."""
+    return _cfg(
+        tmp_path,
+        "shrunk",
+        "method=autostructured",
+        "model.name=twocnn",
+        "model.hidden=16",
+        "structured.k=1.0",
+        f"federation.rounds={rounds}",
+        "federation.average_decay=0.5",
     )
+
+
+def test_average_of_a_shrinking_run_has_the_final_architecture(tmp_path: Path) -> None:
+    res = run_experiment(_shrinking(tmp_path, rounds=4))
     assert res.summary["final_params"] < res.summary["dense_params"]  # it did shrink
     model = load_file(str(res.run_dir / "model.safetensors"))
     average = load_file(str(res.run_dir / "model_average.safetensors"))
@@ -190,19 +193,7 @@ def test_export_and_report_of_the_average(
     from fedprune.export import load_final_model, read_architecture
     from fedprune.report import write_report
 
-    res = run_experiment(
-        _cfg(
-            tmp_path,
-            "shrunk",
-            "method=autostructured",
-            "model.name=twocnn",
-            "model.hidden=16",
-            "structured.k=1.0",
-            "federation.rounds=3",
-            "federation.average_decay=0.5",
-        )
-    )
-    run = res.run_dir
+    run = run_experiment(_shrinking(tmp_path, rounds=3)).run_dir
     final, average = load_final_model(run), load_final_model(run, "average")
     saved = load_file(str(run / "model_average.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in average.state_dict().items())
