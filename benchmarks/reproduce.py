@@ -54,6 +54,7 @@ import matplotlib.pyplot as plt
 from _common import load_average, machine
 from fedprune.config import RunConfig, config_to_flat, load_config
 from fedprune.engines.common import RoundRecord
+from fedprune.errors import UserInputError
 from fedprune.experiment import load_federation, resume_experiment, run_experiment
 from fedprune.rundir import CONFIG, SUMMARY, read_metrics
 
@@ -582,12 +583,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     claim = CLAIMS[args.claim]
     if not 0 < args.scale <= 1:
         p.error("--scale must be in (0, 1]")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds must list at least one seed, each once, got {args.seeds!r}")
     wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
     unknown = sorted(set(wanted) - {v.label for v in claim.variants})
     if unknown:
         p.error(f"unknown variants {unknown}; the claim has {[v.label for v in claim.variants]}")
     variants = [v for v in claim.variants if not wanted or v.label in wanted]
+    try:  # every run's configuration is checked before the first run starts
+        for seed in seeds:
+            for v in variants:
+                run_config(claim, v, seed, args.scale, args.extra)
+    except UserInputError as exc:
+        p.error(str(exc))
     out = args.out / claim.name
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}

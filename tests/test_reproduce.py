@@ -221,6 +221,32 @@ def test_report_only_reads_finished_runs_and_refuses_other_settings(
         rp.main([*argv, "--report-only", "--variants", "local 0.9"])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0,x"], "--seeds expects comma-separated integers"),
+        (["--seeds", "1,1"], "each once"),
+        (["--seeds", ","], "at least one seed"),
+        (["--set", "nope.key=1"], "unknown config key 'nope'"),
+        (["--set", "train.lr=-1"], "train.lr must be in"),
+        (["--seeds", "0,-1"], "seed must be in"),
+    ],
+)
+def test_bad_arguments_stop_before_any_run_with_one_line(
+    rp: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        rp.main(["fedsparsify-fmnist-100c", "--resume", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and ": error: " in err[-1]
+    assert not list(tmp_path.rglob("config.toml")), "no run was started"
+
+
 @pytest.fixture(scope="module")
 def pc() -> Iterator[ModuleType]:
     yield from _bench_module("per_class")
