@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -10,6 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+
+def seed_list(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--seeds`` as a list of integers, each once; a usage error (exit 2) otherwise."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds expects comma-separated integers, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must list at least one seed, each once, got {text!r}")
+    return seeds
 
 
 def cpu_seconds() -> float:

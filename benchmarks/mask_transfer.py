@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from _common import seed_list
 from fedprune.core.masks import Masks, apply_masks, prunable_names
 from fedprune.core.select import select_lowest
 from fedprune.errors import ConfigError
@@ -461,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also train the non-IID split under one-shot magnitude masks of the FedAvg runs",
     )
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = seed_list(p, args.seeds)
     for split in SOURCES:
         for seed in seeds:
             for variant in ("fedavg", "global-0.9"):

@@ -51,7 +51,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from _common import load_average, machine
+from _common import load_average, machine, seed_list
 from fedprune.config import RunConfig, config_to_flat, load_config
 from fedprune.engines.common import RoundRecord
 from fedprune.errors import UserInputError
@@ -583,12 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     claim = CLAIMS[args.claim]
     if not 0 < args.scale <= 1:
         p.error("--scale must be in (0, 1]")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        p.error(f"--seeds must list at least one seed, each once, got {args.seeds!r}")
+    seeds = seed_list(p, args.seeds)
     wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
     unknown = sorted(set(wanted) - {v.label for v in claim.variants})
     if unknown:
