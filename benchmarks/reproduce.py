@@ -589,10 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; the claim has {[v.label for v in claim.variants]}")
     variants = [v for v in claim.variants if not wanted or v.label in wanted]
-    try:  # every run's configuration is checked before the first run starts
-        for seed in seeds:
-            for v in variants:
-                run_config(claim, v, seed, args.scale, args.extra)
+    try:  # every run's configuration is built, and so checked, before the first run starts
+        run_cfgs = {
+            (v.label, seed): run_config(claim, v, seed, args.scale, args.extra)
+            for seed in seeds
+            for v in variants
+        }
     except UserInputError as exc:
         p.error(str(exc))
     out = args.out / claim.name
@@ -603,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for seed in seeds:
         for v in variants:
-            cfg = run_config(claim, v, seed, args.scale, args.extra)
+            cfg = run_cfgs[(v.label, seed)]
             rd = out / "runs" / f"{_slug(v.label)}-seed{seed}"
             if args.report_only and not (rd / SUMMARY).is_file():
                 print(f"not finished, left out: {v.label}, seed {seed} ({rd})", flush=True)
